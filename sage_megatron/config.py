@@ -1,0 +1,389 @@
+"""Run configuration: a frozen dataclass tree, loaded from YAML/JSON, with dotted overrides and ONE validate().
+
+    cfg = load_config("configs/toy.yaml", overrides=["algorithm.name=sage", "run.steps=4"])
+    validate(cfg)          # every static problem at once, before any process starts
+
+Each component receives only its slice (``cfg.rollout``, ``cfg.algorithm``, ...). Unknown keys name
+the key and list the valid ones; a bad parallel layout gives ``validate_layout``'s message
+(``validate_for_model`` checks it against the model's head and layer counts once the HF config is
+known).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the key/file and what to change."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    hf_dir: str = "toy"
+    """HF checkpoint folder of the starting policy; "toy" = the cached pretrained toy policy."""
+    dtype: str = "float32"
+    """Actor parameter/compute dtype ("float32", "bfloat16")."""
+    cache_dir: str = "runs/cache"
+    """Where the toy policy and converted Megatron checkpoints are cached."""
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    tp: int = 1
+    """Tensor-parallel size."""
+    pp: int = 1
+    """Pipeline-parallel size."""
+    dp: int = 1
+    """Data-parallel size (world size = tp * pp * dp)."""
+    micro_batch_size: int = 8
+    """Sequences per micro-batch per DP rank."""
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    num_engines: int = 1
+    """vLLM engines in the rollout pool (rank 0 owns it)."""
+    engine_dtype: str = "float32"
+    """Engine dtype; float32 keeps the engine's sampling log-probs equal to the actor's."""
+    max_model_len: int = 512
+    """Longest prompt + response (also the train batch's max length)."""
+    kv_cache_gib: int = 1
+    """CPU KV cache per engine, GiB."""
+    group_size: int = 8
+    """G: samples per prompt."""
+    temperature: float = 1.0
+    """Rollout sampling temperature."""
+    top_p: float = 1.0
+    """Rollout nucleus sampling."""
+    max_tokens: int = 128
+    """Max response tokens."""
+    ray_address: str | None = None
+    """Join this Ray cluster; None starts a local Ray."""
+    cpus_per_engine: float = 1.0
+    """CPU bundle per engine."""
+
+
+@dataclass(frozen=True)
+class AlgorithmConfig:
+    name: Literal["grpo", "sage", "sage_light"] = "sage"
+    """grpo (no hints), sage (online self-hinting), sage_light (per-prompt level schedule)."""
+    hint_source: Literal["policy", "reference_prefix"] = "policy"
+    """Who writes hints: the policy through the rollout engine (SAGE) or a prefix of the reference solution."""
+    templates: str = "toy"
+    """Prompt templates: "toy", "paper", or a folder with the five template files."""
+    levels: int = 3
+    """L: hint levels."""
+    trigger: Literal["all_wrong", "threshold"] = "all_wrong"
+    """SAGE: when a prompt gets hints."""
+    trigger_threshold: float = 0.0
+    """SAGE trigger="threshold": hint when accuracy <= this."""
+    mode: Literal["replace", "mix"] = "replace"
+    """SAGE: the hinted group replaces (SAGE) or is mixed into (Scaf-GRPO) the failed group."""
+    mix_count: int = 1
+    """mode="mix": correct hinted samples mixed in."""
+    loss_context: Literal["hinted"] = "hinted"
+    """Log-probs on the hinted prompt (on-policy). "original" (Guide-GRPO) is not wired in the trainer yet."""
+    hint_temperature: float = 0.0
+    """Hint generation temperature (reference code: greedy)."""
+    hint_max_tokens: int = 256
+    """Max tokens of a hint generation."""
+    hint_max_retries: int = 2
+    """Retries of unparsable hint outputs."""
+    hint_retry_temperature: float = 0.7
+    """Sampling temperature of the retries."""
+    prefix_fractions: tuple[float, ...] | None = None
+    """reference_prefix: share of solution lines per level (None: l / L)."""
+    light_min_threshold: float = 0.1
+    """SAGE-light: escalate when last accuracy <= this."""
+    light_max_threshold: float = 0.35
+    """SAGE-light: de-escalate when last accuracy > this (reference code)."""
+    light_escalate_only: bool = False
+    """SAGE-light: the paper's rule (only escalate)."""
+    std_mode: Literal["unbiased", "population"] = "unbiased"
+    """Advantage std: unbiased (reference code, default) or population (paper)."""
+    adv_eps: float = 1e-6
+    """Advantage denominator eps."""
+    clip_low: float = 0.2
+    """PPO clip below."""
+    clip_high: float = 0.28
+    """PPO clip above (clip-higher)."""
+    clip_c: float | None = 3.0
+    """Dual-clip constant; null disables."""
+    kl_coef: float = 0.0
+    """KL loss weight; 0 = no reference model is built."""
+    kl_kind: str = "low_var_kl"
+    """KL estimator (k1/kl, k2/mse, k3/low_var_kl)."""
+    entropy_coef: float = 0.0
+    """Entropy bonus weight."""
+    loss_agg: str = "token-mean"
+    """Loss aggregation over the mini-batch."""
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 1e-6
+    """AdamW lr (constant)."""
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+    grad_clip: float = 1.0
+    """Global grad-norm clip; 0 disables."""
+    mini_batches: int = 2
+    """Optimizer steps per training step (the batch's prompts split evenly; paper: 128 / 64 = 2)."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train: str = "toy"
+    """Training rows (.jsonl/.json/.parquet); "toy" = the embedded toy task's train split."""
+    problem_key: str = "problem"
+    """Column of the problem."""
+    solution_key: str = "solution"
+    """Column of the reference solution."""
+    answer_key: str = "answer"
+    """Column of the ground-truth answer."""
+    index_key: str | None = "index"
+    """Column of the stable index; null = row number."""
+    batch_size: int = 16
+    """Prompts per training step."""
+    shuffle: bool = True
+    """Seeded shuffle per epoch."""
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    data: str = "toy"
+    """Held-out rows (no hints); "toy" = the toy task's held-out hard split; "" = no evaluation."""
+    k: int = 4
+    """avg@k: samples per prompt."""
+    temperature: float = 1.0
+    """Evaluation temperature (paper: 0.6)."""
+    top_p: float = 1.0
+    """Evaluation top_p (paper: 0.95)."""
+    max_prompts: int = 64
+    """Evaluate at most this many prompts (0 = all)."""
+    at_start: bool = True
+    """Also evaluate before the first step."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    dir: str = "runs/toy"
+    """Run directory: metrics, checkpoints, summary.json."""
+    steps: int = 8
+    """Training steps."""
+    checkpoint_every: int = 0
+    """Checkpoint every k steps (0 = only at the end when export_hf or keep_final)."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept (oldest removed)."""
+    resume: bool = True
+    """Continue from the latest checkpoint in run.dir when there is one."""
+    export_hf: bool = False
+    """Export the final actor to run.dir/hf through megatron_to_hf."""
+    seed: int = 0
+    """Data order, sampling seeds, engine seed."""
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    tensorboard: bool = True
+    """Write TensorBoard events to run.dir/tb."""
+    progress: bool = True
+    """One progress line per step on stdout."""
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+def _hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check/convert a parsed value against a field type; raise ConfigError naming ``where``."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        last = None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, where)
+            except ConfigError as e:
+                last = e
+        raise last or ConfigError(f"{where}: bad value {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return tuple(_coerce(v, args[0], where) for v in value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    return value
+
+
+def from_dict(data: dict, *, source: str = "config") -> Config:
+    """Build a Config from a nested dict; unknown sections/keys raise ConfigError listing the valid ones."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections, got {type(data).__name__}")
+    sections = _hints(Config)
+    kwargs = {}
+    for name, body in data.items():
+        if name not in sections:
+            raise ConfigError(f"{source}: unknown section {name!r}; valid sections: {sorted(sections)}")
+        cls = sections[name]
+        if body is None:
+            body = {}
+        if not isinstance(body, dict):
+            raise ConfigError(f"{source}: section {name!r} must be a mapping, got {body!r}")
+        fields = _hints(cls)
+        for key in body:
+            if key not in fields:
+                raise ConfigError(f"{source}: unknown key {name}.{key}; valid keys of {name!r}: {sorted(fields)}")
+        kwargs[name] = cls(**{k: _coerce(v, fields[k], f"{source}: {name}.{k}") for k, v in body.items()})
+    return Config(**kwargs)
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _parse_scalar(text: str) -> Any:
+    import yaml
+
+    return yaml.safe_load(text) if text != "" else ""
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """``["section.key=value", ...]`` applied to a nested dict (values parsed as YAML scalars)."""
+    out = {k: dict(v or {}) for k, v in data.items()}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected section.key=value")
+        path, value = item.split("=", 1)
+        parts = path.strip().split(".")
+        if len(parts) != 2:
+            raise ConfigError(f"override {item!r}: the key must be section.key (e.g. run.steps=4), got {path!r}")
+        out.setdefault(parts[0], {})[parts[1]] = _parse_scalar(value)
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Config from a YAML/JSON file (or the defaults) plus dotted overrides."""
+    data: dict = {}
+    source = "defaults"
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{p}: no such config file")
+        text = p.read_text()
+        if p.suffix == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        source = str(p)
+    return from_dict(apply_overrides(data, list(overrides)), source=source if not overrides else f"{source} + overrides")
+
+
+# ---------------------------------------------------------------------------------------------- validation
+
+def validate(cfg: Config) -> None:
+    """Every static problem of ``cfg`` at once (ConfigError), before any process or engine starts."""
+    from sage_megatron.parallel.layout import LayoutError, ParallelLayout, validate_layout
+
+    problems: list[str] = []
+
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            problems.append(msg)
+
+    p, r, a, o, d, run = cfg.parallel, cfg.rollout, cfg.algorithm, cfg.optim, cfg.data, cfg.run
+    try:
+        validate_layout(ParallelLayout(p.tp, p.pp, p.dp), num_layers=p.pp, num_attention_heads=p.tp,
+                        num_query_groups=p.tp)
+    except LayoutError as e:
+        problems.append(f"parallel: {e}")
+    need(p.micro_batch_size >= 1, f"parallel.micro_batch_size={p.micro_batch_size} must be >= 1")
+    need(r.group_size >= 2, f"rollout.group_size={r.group_size} must be >= 2 (GRPO needs a group to compare)")
+    need(r.num_engines >= 1, f"rollout.num_engines={r.num_engines} must be >= 1")
+    need(r.max_tokens >= 1, f"rollout.max_tokens={r.max_tokens} must be >= 1")
+    need(r.max_tokens < r.max_model_len, f"rollout.max_tokens={r.max_tokens} must be < rollout.max_model_len="
+         f"{r.max_model_len} (room for the prompt)")
+    need(r.temperature >= 0, f"rollout.temperature={r.temperature} must be >= 0")
+    need(0 < r.top_p <= 1, f"rollout.top_p={r.top_p} must be in (0, 1]")
+    need(a.levels >= 1, f"algorithm.levels={a.levels} must be >= 1")
+    need(a.clip_c is None or a.clip_c > 1, f"algorithm.clip_c={a.clip_c} must be > 1 (or null)")
+    need(a.kl_coef >= 0, f"algorithm.kl_coef={a.kl_coef} must be >= 0")
+    need(a.light_escalate_only or a.light_min_threshold <= a.light_max_threshold,
+         f"algorithm.light_min_threshold={a.light_min_threshold} > light_max_threshold={a.light_max_threshold}")
+    need(a.templates in ("toy", "paper") or Path(a.templates).is_dir(),
+         f"algorithm.templates={a.templates!r}: use 'toy', 'paper' or an existing folder")
+    if a.name != "grpo":
+        need(d.solution_key != "", "data.solution_key is empty but hints are made from the reference solution")
+    need(o.lr > 0, f"optim.lr={o.lr} must be > 0")
+    need(o.mini_batches >= 1, f"optim.mini_batches={o.mini_batches} must be >= 1")
+    need(d.batch_size >= 1, f"data.batch_size={d.batch_size} must be >= 1")
+    need(o.mini_batches <= d.batch_size and d.batch_size % o.mini_batches == 0,
+         f"data.batch_size={d.batch_size} must be a multiple of optim.mini_batches={o.mini_batches}")
+    need(d.train == "toy" or Path(d.train).is_file(), f"data.train={d.train!r}: no such file (or use 'toy')")
+    need(cfg.eval.data in ("", "toy") or Path(cfg.eval.data).is_file(),
+         f"eval.data={cfg.eval.data!r}: no such file (or 'toy', or '' for no evaluation)")
+    need(cfg.eval.k >= 1, f"eval.k={cfg.eval.k} must be >= 1")
+    need(run.steps >= 1, f"run.steps={run.steps} must be >= 1")
+    need(run.checkpoint_every >= 0, f"run.checkpoint_every={run.checkpoint_every} must be >= 0")
+    need(run.keep_checkpoints >= 1, f"run.keep_checkpoints={run.keep_checkpoints} must be >= 1")
+    need(cfg.model.hf_dir == "toy" or (Path(cfg.model.hf_dir) / "config.json").is_file(),
+         f"model.hf_dir={cfg.model.hf_dir!r} has no config.json (an HF checkpoint folder, or 'toy')")
+    if problems:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
+def validate_for_model(cfg: Config, hf_dir: str | Path) -> None:
+    """The layout against the model's layer/head counts (needs the HF config.json)."""
+    from sage_megatron.parallel.layout import LayoutError, ParallelLayout, validate_layout
+    from sage_megatron.parallel.model import arch_from_hf_config, read_hf_config
+
+    arch = arch_from_hf_config(read_hf_config(Path(hf_dir)), source=str(Path(hf_dir) / "config.json"))
+    p = cfg.parallel
+    try:
+        validate_layout(ParallelLayout(p.tp, p.pp, p.dp), num_layers=arch.num_layers,
+                        num_attention_heads=arch.num_attention_heads, num_query_groups=arch.num_query_groups)
+    except LayoutError as e:
+        raise ConfigError(f"parallel (tp={p.tp}, pp={p.pp}, dp={p.dp}) for model {hf_dir}: {e}") from None

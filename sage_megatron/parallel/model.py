@@ -1,0 +1,222 @@
+"""Megatron-core GPTModel built from an HF config (Llama 3.x, Qwen2/2.5, Qwen3).
+
+``ModelArch`` is the pure description read from config.json; ``transformer_config`` maps it onto
+megatron-core's TransformerConfig; ``build_gpt_model`` builds this rank's pipeline stage with the
+local layer spec (CPU) or the Transformer Engine spec (GPU, FP8 capable).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from sage_megatron.parallel.layout import ParallelLayout, padded_vocab_size
+from sage_megatron.parallel.precision import Fp8Options, precision_config_kwargs, require_te_for
+
+# HF architecture name -> family key used by the weight maps.
+SUPPORTED_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+}
+
+
+class UnsupportedModelError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class ModelArch:
+    """Everything about a decoder-only model that the Megatron build and the weight maps need."""
+
+    family: str                 # "llama" | "qwen2" | "qwen3"
+    hf_architecture: str
+    num_layers: int
+    hidden_size: int
+    ffn_hidden_size: int
+    num_attention_heads: int
+    num_query_groups: int       # key/value heads
+    head_dim: int               # kv_channels; Qwen3 sets it independently of hidden/heads
+    vocab_size: int
+    max_position_embeddings: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_llama3_factor: float | None   # Llama 3.1+ "llama3" rope scaling factor, None if unscaled
+    tie_word_embeddings: bool
+    qkv_bias: bool              # Qwen2
+    qk_norm: bool               # Qwen3
+
+    @property
+    def q_per_group(self) -> int:
+        return self.num_attention_heads // self.num_query_groups
+
+
+def read_hf_config(hf_dir: str | Path) -> dict:
+    path = Path(hf_dir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: --hf-dir must be a Hugging Face checkpoint folder with config.json")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); re-export the checkpoint's config") from None
+
+
+def arch_from_hf_config(cfg: dict, *, source: str = "config.json") -> ModelArch:
+    """Read a ModelArch from an HF config dict; unsupported features raise with a list of what is."""
+    archs = cfg.get("architectures") or []
+    arch = archs[0] if archs else None
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise UnsupportedModelError(
+            f"{source}: architecture {arch!r} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}. "
+            "Convert a model of one of these families, or add a weight map in sage_megatron/parallel/weight_maps.py."
+        )
+    family = SUPPORTED_ARCHITECTURES[arch]
+    rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+    theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
+    rope_type = rope.get("rope_type", rope.get("type", "default")) or "default"
+    llama3_factor = None
+    if rope_type == "llama3":
+        # megatron-core's apply_rope_scaling hard-codes low 1, high 4, original 8192 (Llama 3.1/3.2 values).
+        expected = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+        for key, value in expected.items():
+            if key in rope and float(rope[key]) != value:
+                raise UnsupportedModelError(f"{source}: llama3 rope {key}={rope[key]} differs from {value}, "
+                                            "the only value megatron-core 0.16 supports")
+        llama3_factor = float(rope.get("factor", 8.0))
+    elif rope_type != "default":
+        raise UnsupportedModelError(f"{source}: rope type {rope_type!r} is not supported (default or llama3)")
+    if cfg.get("mlp_bias"):
+        raise UnsupportedModelError(f"{source}: mlp_bias=true is not supported")
+    if family == "llama" and cfg.get("attention_bias"):
+        raise UnsupportedModelError(f"{source}: attention_bias=true is not supported for Llama")
+    if family == "qwen3" and cfg.get("attention_bias"):
+        raise UnsupportedModelError(f"{source}: attention_bias=true is not supported for Qwen3")
+    heads = cfg["num_attention_heads"]
+    hidden = cfg["hidden_size"]
+    return ModelArch(
+        family=family,
+        hf_architecture=arch,
+        num_layers=cfg["num_hidden_layers"],
+        hidden_size=hidden,
+        ffn_hidden_size=cfg["intermediate_size"],
+        num_attention_heads=heads,
+        num_query_groups=cfg.get("num_key_value_heads") or heads,
+        head_dim=cfg.get("head_dim") or hidden // heads,
+        vocab_size=cfg["vocab_size"],
+        max_position_embeddings=cfg.get("max_position_embeddings", 4096),
+        rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+        rope_theta=float(theta),
+        rope_llama3_factor=llama3_factor,
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        qkv_bias=family == "qwen2",
+        qk_norm=family == "qwen3",
+    )
+
+
+def transformer_config(
+    arch: ModelArch,
+    *,
+    layout: ParallelLayout,
+    dtype: torch.dtype = torch.float32,
+    use_te: bool = False,
+    fp8: Fp8Options | None = None,
+    on_gpu: bool = False,
+):
+    """The megatron-core TransformerConfig for ``arch`` at ``layout``.
+
+    Fusions that need CUDA kernels are off on CPU; dropout is off (RL fine-tuning).
+    """
+    from megatron.core.transformer import TransformerConfig
+
+    return TransformerConfig(
+        num_layers=arch.num_layers,
+        hidden_size=arch.hidden_size,
+        ffn_hidden_size=arch.ffn_hidden_size,
+        num_attention_heads=arch.num_attention_heads,
+        num_query_groups=arch.num_query_groups,
+        kv_channels=arch.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=arch.rms_norm_eps,
+        gated_linear_unit=True,
+        activation_func=torch.nn.functional.silu,
+        add_bias_linear=False,
+        add_qkv_bias=arch.qkv_bias,
+        qk_layernorm=arch.qk_norm,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        tensor_model_parallel_size=layout.tp,
+        pipeline_model_parallel_size=layout.pp,
+        sequence_parallel=False,
+        use_cpu_initialization=not on_gpu,
+        perform_initialization=False,      # weights always come from a checkpoint
+        bias_activation_fusion=on_gpu and use_te,
+        bias_dropout_fusion=on_gpu and use_te,
+        masked_softmax_fusion=on_gpu and use_te,
+        persist_layer_norm=on_gpu and use_te,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        batch_p2p_sync=on_gpu,
+        attention_softmax_in_fp32=True,
+        **precision_config_kwargs(dtype=dtype, fp8=fp8, use_te=use_te),
+    )
+
+
+def layer_spec(arch: ModelArch, *, use_te: bool):
+    """Local spec on CPU; Transformer Engine spec on GPU (imports TE only when asked for)."""
+    if use_te:
+        require_te_for(use_te=True)
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_norm)
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    return get_gpt_layer_local_spec(qk_layernorm=arch.qk_norm, normalization="RMSNorm")
+
+
+def build_gpt_model(
+    arch: ModelArch,
+    *,
+    layout: ParallelLayout,
+    padded_vocab: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    use_te: bool = False,
+    fp8: Fp8Options | None = None,
+):
+    """Build this rank's pipeline stage of the GPTModel (parallel state must be initialised)."""
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+
+    from sage_megatron.parallel.device import cuda_available, on_cpu_if_needed
+
+    on_gpu = cuda_available()
+    config = transformer_config(arch, layout=layout, dtype=dtype, use_te=use_te, fp8=fp8, on_gpu=on_gpu)
+    # language_module.setup_embeddings_and_output_layer moves the tied weight with .cuda() (pp > 1).
+    with on_cpu_if_needed():
+        model = _gpt_model(GPTModel, parallel_state, config, arch, layout, padded_vocab, use_te)
+    model.to(dtype)
+    if on_gpu:
+        model.cuda(torch.cuda.current_device())
+    return model
+
+
+def _gpt_model(GPTModel, parallel_state, config, arch, layout, padded_vocab, use_te):
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec(arch, use_te=use_te),
+        vocab_size=padded_vocab or padded_vocab_size(arch.vocab_size, tp=layout.tp),
+        max_sequence_length=arch.max_position_embeddings,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        parallel_output=True,
+        share_embeddings_and_output_weights=arch.tie_word_embeddings,
+        position_embedding_type="rope",
+        rotary_base=int(arch.rope_theta) if float(arch.rope_theta).is_integer() else arch.rope_theta,
+        rope_scaling=arch.rope_llama3_factor is not None,
+        rope_scaling_factor=arch.rope_llama3_factor or 8.0,
+    )
+
+
+def arch_to_json(arch: ModelArch) -> dict:
+    return asdict(arch)

@@ -1,0 +1,92 @@
+"""Moving weights into and out of a live (TP/PP-sharded) Megatron model through the weight maps.
+
+``load_hf_into_model`` fills this rank's stage from HF tensors; ``iter_global_tensors`` yields this
+stage's parameters as global (TP-gathered) tensors, one at a time, so peak extra memory is one
+gathered parameter. Both the converter and the per-iteration weight sync use them.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import torch
+import torch.distributed as dist
+
+from sage_megatron.parallel import weight_maps as wm
+from sage_megatron.parallel.model import ModelArch
+
+
+def unwrap(model):
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def layer_offset(model) -> int:
+    """Global index of this stage's first transformer layer."""
+    layers = unwrap(model).decoder.layers
+    return layers[0].layer_number - 1 if len(layers) else 0
+
+
+def stage_params(model) -> Iterator[tuple[str, torch.nn.Parameter]]:
+    """(mapping key, parameter) for every parameter of this rank's stage."""
+    offset = layer_offset(model)
+    for name, param in unwrap(model).named_parameters():
+        yield wm.canonical_name(name, layer_offset=offset), param
+
+
+def tp_rank_and_size() -> tuple[int, int]:
+    from megatron.core import parallel_state as ps
+
+    return ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
+
+
+@torch.no_grad()
+def load_hf_into_model(model, *, arch: ModelArch, get_hf: Callable[[str], torch.Tensor], padded_vocab: int) -> int:
+    """Copy HF tensors into this rank's shards. Returns the number of parameters filled."""
+    rank, tp = tp_rank_and_size()
+    maps = wm.mappings_by_name(arch)
+    count = 0
+    for key, param in stage_params(model):
+        m = maps.get(key)
+        if m is None:
+            raise wm.WeightMapError(f"Megatron parameter {key!r} has no mapping for family {arch.family}")
+        local = wm.shard(m, wm.to_global(m, get_hf, arch=arch, padded_vocab=padded_vocab), tp=tp, rank=rank)
+        if tuple(local.shape) != tuple(param.shape):
+            raise wm.WeightMapError(f"{key}: mapped shard {tuple(local.shape)} != parameter {tuple(param.shape)}")
+        param.copy_(local.to(param.dtype))
+        count += 1
+    return count
+
+
+@torch.no_grad()
+def iter_global_tensors(model, *, arch: ModelArch) -> Iterator[tuple[str, torch.Tensor]]:
+    """This stage's parameters as (global name, TP-merged tensor); collective over the TP group."""
+    from megatron.core import parallel_state as ps
+
+    rank, tp = tp_rank_and_size()
+    maps = wm.mappings_by_name(arch)
+    group = ps.get_tensor_model_parallel_group() if tp > 1 else None
+    for key, param in stage_params(model):
+        m = maps[key]
+        if tp == 1 or m.tp_split == wm.REPLICATED:
+            yield key, param.detach()
+            continue
+        shards = [torch.empty_like(param) for _ in range(tp)]
+        dist.all_gather(shards, param.detach().contiguous(), group=group)
+        yield key, wm.merge_shards(m, shards)
+
+
+def save_dist_checkpoint(model, directory: str) -> None:
+    """megatron-core dist checkpoint (torch_dist) of the model, written collectively by all ranks."""
+    from megatron.core import dist_checkpointing
+
+    dist_checkpointing.save(unwrap(model).sharded_state_dict(), directory)
+
+
+def load_dist_checkpoint(model, directory: str) -> None:
+    """Load a dist checkpoint written at any TP/PP into this rank's stage."""
+    from megatron.core import dist_checkpointing
+
+    m = unwrap(model)
+    state = dist_checkpointing.load(m.sharded_state_dict(), directory)
+    m.load_state_dict(state)

@@ -1,0 +1,840 @@
+"""Analytic performance model of one hinted-GRPO step on a GPU cluster (or this CPU machine).
+
+    python -m sage_megatron.perf_model                  # the table in docs/perf_model.md
+    python -m sage_megatron.perf_model --model 32b --nodes 4 --tp 8 --pp 1
+
+One RL step = rollout (+ hint rollouts) + log-prob passes + policy update + weight sync.
+Every function here is pure (numbers in, numbers out) except `measure_cpu_hardware`.
+Units: FLOP, FLOP/s, bytes, bytes/s, seconds. Notation used in the docstrings:
+
+    N   parameters (model.params)          G   GPUs = nodes * gpus_per_node
+    L   layers        h  hidden size       tp, pp, dp  training layout (dp = G / (tp * pp))
+    T   tokens trained per step            W   weight bytes = N * 2 (bf16)
+    B   sequences per rollout engine       P   prompt tokens, R mean response tokens
+
+What it leaves out, on purpose: MoE (expert parallelism), context parallelism, activation
+recomputation (add 1/3 to the compute term when it is on), kernel launch/Python overheads other
+than the fixed per-step and per-bucket latencies below, and straggler effects beyond the
+response-length distribution. The efficiency factors in `Efficiency` are the calibration knobs;
+their defaults are stated there and compared with published numbers in docs/perf_model.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+# ----------------------------------------------------------------------------------------------
+# hardware
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """Per-GPU (or per-"node" for CPU profiles) peak numbers. Bandwidths are per direction."""
+
+    name: str
+    peak_flops: float
+    """Dense bf16 tensor FLOP/s per device (no sparsity)."""
+    peak_flops_fp8: float
+    """Dense FP8 FLOP/s per device."""
+    hbm_bw: float
+    """Device memory bandwidth, bytes/s."""
+    hbm_bytes: float
+    """Device memory capacity, bytes."""
+    intra_bw: float
+    """Intra-node device-to-device bandwidth per device per direction (NVLink), bytes/s."""
+    inter_bw: float
+    """Inter-node bandwidth per device per direction (one NIC per GPU), bytes/s."""
+    devices_per_node: int
+    host_bw: float = 25e9
+    """Device <-> host memory bandwidth achieved per device (PCIe Gen5 x16: 64 GB/s peak), bytes/s;
+    used for the colocated hand-over (offload training state, wake the engine)."""
+    intra_latency_s: float = 3e-6
+    """Latency of one small collective inside a node."""
+    inter_latency_s: float = 10e-6
+    """Latency of one small collective across nodes."""
+
+
+H100_SXM = Hardware(
+    name="H100 SXM 80GB",
+    peak_flops=989e12,       # bf16 dense (1979 is the 2:4-sparsity figure)
+    peak_flops_fp8=1979e12,  # fp8 dense
+    hbm_bw=3.35e12,          # HBM3
+    hbm_bytes=80e9,
+    intra_bw=450e9,          # NVLink 4: 900 GB/s per GPU total, 450 per direction
+    inter_bw=400e9 / 8,      # InfiniBand NDR 400 Gb/s per GPU (8 NICs per node) = 50 GB/s
+    devices_per_node=8,
+)
+
+# This machine as measured in Nov 2026 (docs/platform.md; `measure_cpu_hardware` re-measures):
+# one core ~90 GFLOP/s fp32 / ~360 bf16 (AMX) matmul, memcpy ~12 GB/s per core. Emulated Slurm
+# nodes are network namespaces on one host: "inter-node" traffic is a veth bridge (~1-3 GB/s via
+# TCP loopback-like paths). One "device" per emulated node.
+CPU_THIS_MACHINE = Hardware(
+    name="this CPU (1 core per emulated node)",
+    peak_flops=90e9, peak_flops_fp8=90e9, hbm_bw=12e9, hbm_bytes=8e9,
+    intra_bw=12e9, inter_bw=1.5e9, devices_per_node=1,
+    intra_latency_s=20e-6, inter_latency_s=100e-6,
+)
+
+
+@dataclass(frozen=True)
+class Efficiency:
+    """Achieved fractions of peak, and overlaps. Defaults are typical H100 + Megatron + vLLM values."""
+
+    compute: float = 0.55
+    """Fraction of peak FLOP/s that the GEMM-heavy training/log-prob kernels reach (excluding
+    communication and pipeline bubbles, which the model adds explicitly). With typical comm
+    overheads this lands at 40-50% end-to-end MFU for dense 7-70B pretraining."""
+    prefill: float = 0.5
+    """Fraction of peak FLOP/s in rollout prefill."""
+    hbm: float = 0.7
+    """Fraction of HBM bandwidth a decode step reaches (weights + KV reads)."""
+    intra_link: float = 0.8
+    """Fraction of NVLink bandwidth NCCL collectives reach (bus bandwidth)."""
+    inter_link: float = 0.9
+    """Fraction of per-GPU InfiniBand bandwidth NCCL reaches."""
+    tp_overlap: float = 0.0
+    """Fraction of tensor-parallel communication hidden behind compute (0: none, Megatron default)."""
+    dp_overlap: float = 0.5
+    """Fraction of data-parallel gradient reduction hidden behind backward (overlap_grad_reduce)."""
+    decode_step_overhead_s: float = 1e-3
+    """Fixed cost per decode iteration (scheduler, sampling, kernel launches; CUDA graphs help)."""
+    sync_bucket_latency_s: float = 5e-3
+    """Fixed cost per weight-sync bucket (IPC handle exchange / NCCL launch / engine load call)."""
+    sync_tensor_overhead_s: float = 5e-3
+    """Fixed cost per weight tensor in a sync (HF-name conversion, the engine's per-parameter
+    weight_loader, process_weights_after_loading). A round figure; without it the model predicts
+    bandwidth-bound syncs of tens of milliseconds, 10-100x below every published refit time."""
+    step_overhead_s: float = 2.0
+    """Fixed cost per RL step (Ray round trips, data movement, reward, logging)."""
+    gpu_memory_utilization: float = 0.85
+    """Share of device memory vLLM may use (weights + KV cache) when it holds the GPU."""
+    colocated_swap: bool = True
+    """Colocated engines and trainers take turns on the GPUs: each step the training state is
+    offloaded to host memory and the engine's weights woken up (and back). Counted in weight_sync."""
+
+
+# ----------------------------------------------------------------------------------------------
+# models
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A dense decoder-only transformer (Llama / Qwen2 family: GQA attention, SwiGLU MLP)."""
+
+    name: str
+    layers: int
+    hidden: int
+    ffn: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    head_dim: int = 0
+    """0 = hidden // heads (Qwen3 sets it independently)."""
+    tied_embeddings: bool = False
+
+    @property
+    def hd(self) -> int:
+        return self.head_dim or self.hidden // self.heads
+
+    @property
+    def params(self) -> int:
+        """N = L * (h*(H*d) + 2*h*(K*d) + (H*d)*h + 3*h*f + 2*h) + V*h*(1 or 2) + h.
+
+        Attention q, k, v, o projections (H heads, K kv-heads of size d), SwiGLU gate/up/down
+        (3*h*f), two RMSNorms per layer, embeddings (untied: input + output), final norm.
+        Biases (Qwen2 has q/k/v biases, ~0.01% of N) are left out.
+        """
+        h, d = self.hidden, self.hd
+        attn = h * self.heads * d + 2 * h * self.kv_heads * d + self.heads * d * h
+        per_layer = attn + 3 * h * self.ffn + 2 * h
+        emb = self.vocab * h * (1 if self.tied_embeddings else 2)
+        return self.layers * per_layer + emb + h
+
+    @property
+    def tensors(self) -> int:
+        """Weight tensors in HF layout: 9 per layer (q, k, v, o, gate, up, down, 2 norms) +
+        embeddings, final norm, and the output head when untied."""
+        return 9 * self.layers + 2 + (0 if self.tied_embeddings else 1)
+
+    def kv_bytes_per_token(self, dtype_bytes: int = 2) -> int:
+        """KV cache per token: 2 (K and V) * L * K * d * bytes."""
+        return 2 * self.layers * self.kv_heads * self.hd * dtype_bytes
+
+
+MODELS: dict[str, ModelSpec] = {
+    # Qwen2.5-7B-Instruct config.json
+    "7b": ModelSpec("Qwen2.5-7B", layers=28, hidden=3584, ffn=18944, heads=28, kv_heads=4, vocab=152064),
+    # Qwen2.5-32B-Instruct
+    "32b": ModelSpec("Qwen2.5-32B", layers=64, hidden=5120, ffn=27648, heads=40, kv_heads=8, vocab=152064),
+    # Llama-3.1-70B-Instruct
+    "70b": ModelSpec("Llama-3.1-70B", layers=80, hidden=8192, ffn=28672, heads=64, kv_heads=8, vocab=128256),
+    # for comparisons with published runs
+    "llama3.1-8b": ModelSpec("Llama-3.1-8B", layers=32, hidden=4096, ffn=14336, heads=32, kv_heads=8,
+                             vocab=128256),
+    "qwen3-32b": ModelSpec("Qwen3-32B", layers=64, hidden=5120, ffn=25600, heads=64, kv_heads=8,
+                           vocab=151936, head_dim=128),
+    # the stand-in workload of bench/scaling.py (CPU)
+    "tiny": ModelSpec("tiny-cpu", layers=4, hidden=256, ffn=1024, heads=4, kv_heads=2, vocab=512),
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# layout and workload
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where things run. Training and rollout engines share (are colocated on) all G devices
+    unless colocated=False, in which case `rollout_nodes` extra nodes hold the engines."""
+
+    nodes: int
+    devices_per_node: int = 8
+    tp: int = 1
+    pp: int = 1
+    rollout_tp: int = 1
+    colocated: bool = True
+    rollout_nodes: int = 0
+    """Only for colocated=False: nodes dedicated to rollout engines."""
+
+    @property
+    def devices(self) -> int:
+        return self.nodes * self.devices_per_node
+
+    @property
+    def dp(self) -> int:
+        if self.devices % (self.tp * self.pp):
+            raise ValueError(f"{self.devices} devices not divisible by tp*pp = {self.tp}*{self.pp}")
+        return self.devices // (self.tp * self.pp)
+
+    @property
+    def rollout_devices(self) -> int:
+        return self.devices if self.colocated else self.rollout_nodes * self.devices_per_node
+
+    @property
+    def engines(self) -> int:
+        if self.rollout_devices % self.rollout_tp:
+            raise ValueError(f"{self.rollout_devices} rollout devices not divisible by rollout_tp={self.rollout_tp}")
+        return self.rollout_devices // self.rollout_tp
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One RL step. Defaults: the SAGE paper's Qwen2.5-7B setting (128 prompts x 8 samples)."""
+
+    prompts: int = 128
+    samples: int = 8
+    prompt_tokens: float = 300.0
+    """Mean prompt length (chat template included)."""
+    response_tokens: float = 2000.0
+    """Mean response length."""
+    max_response_tokens: int = 8192
+    length_dist: str = "exponential"
+    """Response-length distribution: "exponential" (mean R, long tail, capped at max: the usual shape
+    of RL samples) or "uniform" on [0, 2R]. It sets how long the step waits for its longest sample."""
+    optimizer_steps: int = 2
+    """Optimizer steps per RL step (mini-batches; the paper: 128 prompts / 64 per mini-batch)."""
+    ppo_epochs: int = 1
+    logprob_passes: int = 1
+    """Forward-only passes before the update: old log-probs (1), + reference model (2) when KL > 0."""
+    micro_batch_tokens: int = 16384
+    """Tokens per micro-batch per data-parallel rank (sets the pipeline bubble)."""
+    hint_fraction: float = 0.0
+    """Share of groups re-rolled with a hint (SAGE escalation), each level costing one extra rollout
+    of that share; hint_levels levels on average."""
+    hint_levels: float = 1.0
+    fp8: bool = False
+    """Train GEMMs in FP8 (peak_flops_fp8)."""
+
+    @property
+    def sequences(self) -> int:
+        return self.prompts * self.samples
+
+    @property
+    def tokens(self) -> float:
+        """T: prompt + response tokens of all sequences (what the update and log-prob passes see)."""
+        return self.sequences * (self.prompt_tokens + self.response_tokens)
+
+    @property
+    def seq_len(self) -> float:
+        return self.prompt_tokens + self.response_tokens
+
+
+# ----------------------------------------------------------------------------------------------
+# training
+
+
+def train_flops(model: ModelSpec, *, tokens: float, seq_len: float, include_attention: bool = True) -> float:
+    """Forward + backward FLOPs: 6*N*T + 12*L*(H*d)*s*T.
+
+    6*N per token (2 forward, 4 backward) for the weight matmuls; the attention score/value
+    matmuls add 12*L*(H*d)*s per token at sequence length s (the PaLM/Megatron convention,
+    which does not halve for the causal mask).
+    """
+    f = 6.0 * model.params * tokens
+    if include_attention:
+        f += 12.0 * model.layers * model.heads * model.hd * seq_len * tokens
+    return f
+
+
+def forward_flops(model: ModelSpec, *, tokens: float, seq_len: float) -> float:
+    """Forward-only FLOPs (log-prob passes): one third of train_flops."""
+    return train_flops(model, tokens=tokens, seq_len=seq_len) / 3.0
+
+
+def _link(*, group: int, span_nodes: bool, hw: Hardware, eff: Efficiency) -> tuple[float, float]:
+    """(bandwidth, latency) of a collective group: NVLink inside a node, the NIC across nodes."""
+    if group <= 1:
+        return math.inf, 0.0
+    if span_nodes:
+        return hw.inter_bw * eff.inter_link, hw.inter_latency_s
+    return hw.intra_bw * eff.intra_link, hw.intra_latency_s
+
+
+def allreduce_time(nbytes: float, *, ranks: int, bw: float, latency: float = 0.0) -> float:
+    """Ring all-reduce: each rank sends and receives 2*(n-1)/n * bytes; + 2*(n-1) latency hops."""
+    if ranks <= 1 or nbytes <= 0:
+        return 0.0
+    return 2.0 * (ranks - 1) / ranks * nbytes / bw + 2 * (ranks - 1) * latency
+
+
+def allgather_time(nbytes_total: float, *, ranks: int, bw: float, latency: float = 0.0) -> float:
+    """Ring all-gather of a tensor of nbytes_total: each rank receives (n-1)/n of it."""
+    if ranks <= 1 or nbytes_total <= 0:
+        return 0.0
+    return (ranks - 1) / ranks * nbytes_total / bw + (ranks - 1) * latency
+
+
+@dataclass(frozen=True)
+class TrainTime:
+    """Seconds per RL step spent in the policy update (all optimizer steps and epochs)."""
+
+    compute: float
+    tp_comm: float
+    pp_comm: float
+    pp_bubble: float
+    dp_comm: float
+    optimizer: float
+    total: float
+    mfu: float
+    """Model FLOPs utilisation: train_flops / (total * G * peak)."""
+
+
+def train_time(model: ModelSpec, layout: Layout, work: Workload, hw: Hardware,
+               eff: Efficiency = Efficiency()) -> TrainTime:
+    """Policy update time.
+
+    compute   = F / (G * peak * eff.compute),  F = ppo_epochs * train_flops(T)
+    tp_comm   = (1 - tp_overlap) * (T*epochs/dp) * (L/pp) * 4 all-reduces of h*2 bytes per token
+                over the TP group (NVLink if tp <= devices_per_node), ring cost 2(tp-1)/tp
+    pp_comm   = (T*epochs/dp) * h * 2 bytes * 2 (activation forward, gradient backward) / link
+    pp_bubble = compute * (pp - 1) / m,  m = micro-batches per optimizer step per pipeline
+                = T / (optimizer_steps * dp * micro_batch_tokens)  (1F1B schedule)
+    dp_comm   = (1 - dp_overlap) * optimizer_steps * epochs * ring all-reduce of the rank's
+                N/(tp*pp) bf16 gradients (distributed optimizer: reduce-scatter + all-gather of
+                the same total volume) over dp ranks; NIC bandwidth once dp spans nodes
+    optimizer = optimizer_steps * epochs * 16 bytes/param (fp32 master, m, v read+write, bf16
+                param write) * N/(tp*pp*dp) / (hbm_bw * eff.hbm)
+    """
+    G, tp, pp, dp = layout.devices, layout.tp, layout.pp, layout.dp
+    epochs = work.ppo_epochs
+    tokens = work.tokens * epochs
+    peak = hw.peak_flops_fp8 if work.fp8 else hw.peak_flops
+    flops = train_flops(model, tokens=tokens, seq_len=work.seq_len)
+    compute = flops / (G * peak * eff.compute)
+
+    tokens_per_rank = tokens / dp
+    bw, lat = _link(group=tp, span_nodes=tp > layout.devices_per_node, hw=hw, eff=eff)
+    act_bytes_per_token = model.hidden * 2
+    n_ar = 4 * (model.layers / pp)
+    # Per micro-batch, each of the n_ar all-reduces moves that micro-batch's activations and pays
+    # the ring latency once.
+    m_total = max(1.0, tokens_per_rank / work.micro_batch_tokens)
+    tp_comm = 0.0
+    if tp > 1:
+        tp_comm = (1 - eff.tp_overlap) * n_ar * (
+            allreduce_time(tokens_per_rank * act_bytes_per_token, ranks=tp, bw=bw)
+            + m_total * 2 * (tp - 1) * lat)
+
+    # Megatron rank order: tp fastest, then dp, then pp. A pipeline stage holds tp*dp consecutive
+    # ranks, so neighbouring stages sit on different nodes once tp*dp >= devices_per_node, and a
+    # dp group (ranks tp apart) spans nodes once tp*dp > devices_per_node.
+    stage_devices = tp * dp
+    pp_span = pp > 1 and stage_devices >= layout.devices_per_node
+    pbw, plat = _link(group=pp, span_nodes=pp_span, hw=hw, eff=eff)
+    pp_comm = tokens_per_rank * act_bytes_per_token * 2 / pbw + 2 * m_total * plat if pp > 1 else 0.0
+    m = max(1.0, work.tokens / (work.optimizer_steps * dp * work.micro_batch_tokens))
+    pp_bubble = compute * (pp - 1) / m if pp > 1 else 0.0
+
+    grad_bytes = model.params / (tp * pp) * 2
+    dp_span = dp > 1 and stage_devices > layout.devices_per_node
+    dbw, dlat = _link(group=dp, span_nodes=dp_span, hw=hw, eff=eff)
+    n_red = work.optimizer_steps * epochs
+    dp_comm = (1 - eff.dp_overlap) * n_red * allreduce_time(grad_bytes, ranks=dp, bw=dbw, latency=dlat)
+
+    optimizer = n_red * 16.0 * model.params / (tp * pp * dp) / (hw.hbm_bw * eff.hbm)
+    total = compute + tp_comm + pp_comm + pp_bubble + dp_comm + optimizer
+    mfu = train_flops(model, tokens=tokens, seq_len=work.seq_len) / (total * G * peak)
+    return TrainTime(compute, tp_comm, pp_comm, pp_bubble, dp_comm, optimizer, total, mfu)
+
+
+def logprob_time(model: ModelSpec, layout: Layout, work: Workload, hw: Hardware,
+                 eff: Efficiency = Efficiency()) -> float:
+    """Forward-only passes (old policy, reference): logprob_passes * (forward FLOPs / (G*peak*eff)
+    + half the training TP communication (2 all-reduces per layer instead of 4) + bubble)."""
+    if work.logprob_passes <= 0:
+        return 0.0
+    t = train_time(model, layout, dataclasses.replace(work, ppo_epochs=1), hw, eff)
+    per_pass = t.compute / 3.0 + t.tp_comm / 2.0 + t.pp_comm / 2.0 + t.pp_bubble / 3.0
+    return work.logprob_passes * per_pass
+
+
+def train_memory_per_device(model: ModelSpec, layout: Layout) -> float:
+    """Bytes of model state per training device (activations excluded):
+    N/(tp*pp) * (2 bf16 params + 4 fp32 grads) + 12 * N/(tp*pp*dp) (distributed optimizer:
+    fp32 master weights, Adam m and v, sharded over dp)."""
+    shard = model.params / (layout.tp * layout.pp)
+    return shard * 6.0 + 12.0 * shard / layout.dp
+
+
+# ----------------------------------------------------------------------------------------------
+# rollout
+
+
+@dataclass(frozen=True)
+class RolloutTime:
+    prefill: float
+    decode: float
+    total: float
+    seqs_per_engine: float
+    waves: int
+    """Rounds an engine needs because its KV cache cannot hold all its sequences at once."""
+    decode_steps: float
+    tokens_per_s_per_device: float
+
+
+EULER_GAMMA = 0.5772156649
+
+
+def decode_steps(*, dist: str, mean: float, cap: float, n: float) -> float:
+    """S: decode iterations until the longest of n responses finishes (the step waits for it).
+
+    uniform [0, 2m]:      S = min(2m, cap)
+    exponential (mean m): S = min(m * H_n, cap),  H_n ~ ln(n) + 0.5772 (expected maximum of n
+                          exponentials) -- with a thousand samples the longest reaches ~7.5 m,
+                          so long-tailed RL rollouts usually run to the length cap.
+    """
+    m = max(mean, 1e-9)
+    if dist == "uniform":
+        return min(2.0 * m, cap)
+    if dist == "exponential":
+        return min(m * (math.log(max(n, 1.0)) + EULER_GAMMA), cap)
+    raise ValueError(f"length distribution {dist!r}: use 'uniform' or 'exponential'")
+
+
+def alive_sum(*, dist: str, mean: float, S: float) -> float:
+    """Generated tokens per sequence = integral_0^S a(t) dt of the alive fraction a(t):
+    uniform a = 1 - t/(2m): S - S^2/(4m);  exponential a = exp(-t/m): m (1 - exp(-S/m))."""
+    m = max(mean, 1e-9)
+    if dist == "uniform":
+        return S - S * S / (4.0 * m)
+    return m * (1.0 - math.exp(-S / m))
+
+
+def kv_sum(*, dist: str, prompt: float, mean: float, S: float) -> float:
+    """KV tokens read per sequence over the decode = integral_0^S a(t) (P + t) dt:
+
+    uniform:     P*S + S^2/2 - P*S^2/(4m) - S^3/(6m)        (= P*m + 2/3 m^2 at S = 2m)
+    exponential: P*m*(1 - e^(-S/m)) + m^2 * (1 - e^(-S/m) * (1 + S/m))
+    """
+    m, P = max(mean, 1e-9), prompt
+    if dist == "uniform":
+        return P * S + S * S / 2.0 - P * S * S / (4.0 * m) - S ** 3 / (6.0 * m)
+    e = math.exp(-S / m)
+    return P * m * (1.0 - e) + m * m * (1.0 - e * (1.0 + S / m))
+
+
+def peak_live_context(*, dist: str, prompt: float, mean: float, S: float) -> float:
+    """Peak over t in [0, S] of the mean live context per sequence a(t) * (P + t): the KV cache an
+    engine needs per sequence when pages are allocated on demand (vLLM).
+    uniform: maximum at t* = m - P/2, (m + P/2)^2 / (2m);  exponential: at t* = m - P, m e^(P/m - 1)
+    (t* clipped to [0, S])."""
+    m, P = max(mean, 1e-9), prompt
+    if dist == "uniform":
+        t = min(max(m - P / 2.0, 0.0), S)
+        return (P + t) * (1.0 - t / (2.0 * m))
+    t = min(max(m - P, 0.0), S)
+    return (P + t) * math.exp(-t / m)
+
+
+def kv_sum_uniform(*, prompt: float, mean: float, cap: float) -> float:
+    """kv_sum for uniform lengths decoded to S = min(2m, cap) (kept for readability in tests)."""
+    return kv_sum(dist="uniform", prompt=prompt, mean=mean, S=min(2.0 * mean, cap))
+
+
+def alive_sum_uniform(*, mean: float, cap: float) -> float:
+    return alive_sum(dist="uniform", mean=mean, S=min(2.0 * mean, cap))
+
+
+def rollout_time(model: ModelSpec, layout: Layout, work: Workload, hw: Hardware,
+                 eff: Efficiency = Efficiency(), *, sequences: float | None = None) -> RolloutTime:
+    """Generation time of `sequences` (default: the workload's prompts * samples).
+
+    Engines: E = rollout devices / rollout_tp; B = sequences / E per engine. Response lengths
+    follow work.length_dist with mean R, capped at max; S = decode_steps(...) over all sequences.
+    KV capacity per engine: C = (rollout_tp * hbm_bytes * gpu_memory_utilization - W) /
+    (peak_live_context * kv_bytes_per_token); waves w = ceil(B / C), b = B / w per wave.
+    Decode is memory-bandwidth bound; per wave:
+
+        bytes  = S * W  +  b * kv * kv_sum(P, R, S)             (weights every step + KV reads)
+        decode = max(bytes / (rollout_tp * hbm_bw * eff.hbm),
+                     2*N*b*alive_sum / (rollout_tp * peak * eff.compute))
+                 + S * (decode_step_overhead + 2*L*(tp-1) * small all-reduce latency)
+        prefill = 2*N*b*P / (rollout_tp * peak * eff.prefill)
+
+    total = w * (prefill + decode). The S * W term does not shrink with the batch: below ~100
+    sequences per engine the time is set by the longest response, not by how many there are.
+    """
+    n_seq = work.sequences if sequences is None else sequences
+    dist, P, R = work.length_dist, work.prompt_tokens, work.response_tokens
+    E = layout.engines
+    B = n_seq / E
+    tp = layout.rollout_tp
+    W = model.params * 2.0
+    kv = model.kv_bytes_per_token()
+    free = tp * hw.hbm_bytes * eff.gpu_memory_utilization - W
+    if free <= 0:
+        raise ValueError(f"{model.name} weights ({W / 1e9:.0f} GB) do not fit {tp} x {hw.name} "
+                         f"at gpu_memory_utilization={eff.gpu_memory_utilization}: raise rollout_tp")
+    S = decode_steps(dist=dist, mean=R, cap=work.max_response_tokens, n=n_seq)
+    live = peak_live_context(dist=dist, prompt=P, mean=R, S=S)
+    cap = max(1.0, math.floor(free / (live * kv)))
+    waves = max(1, math.ceil(B / cap))
+    b = B / waves
+    mem_bytes = S * W + b * kv * kv_sum(dist=dist, prompt=P, mean=R, S=S)
+    mem_t = mem_bytes / (tp * hw.hbm_bw * eff.hbm)
+    gen_per_seq = alive_sum(dist=dist, mean=R, S=S)
+    flop_t = 2.0 * model.params * b * gen_per_seq / (tp * hw.peak_flops * eff.compute)
+    per_step = eff.decode_step_overhead_s + (2 * model.layers * (tp - 1) * hw.intra_latency_s if tp > 1 else 0.0)
+    decode = max(mem_t, flop_t) + S * per_step
+    prefill = 2.0 * model.params * b * P / (tp * hw.peak_flops * eff.prefill)
+    total = waves * (prefill + decode)
+    gen_total = n_seq * gen_per_seq
+    return RolloutTime(prefill * waves, decode * waves, total, B, waves, S,
+                       gen_total / (total * layout.rollout_devices) if total > 0 else 0.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# weight sync
+
+
+@dataclass(frozen=True)
+class SyncTime:
+    tp_gather: float
+    pp_exchange: float
+    transfer: float
+    """Colocated: the local hand-over (CUDA IPC) into the engine; disaggregated: the broadcast
+    from the trainers to the engine nodes over the network."""
+    engine_load: float
+    latency: float
+    swap: float
+    """Colocated hand-over of the devices: (training state + engine weights) / host_bw."""
+    total: float
+    buckets: int
+
+
+def weight_sync_time(model: ModelSpec, layout: Layout, hw: Hardware, eff: Efficiency = Efficiency(),
+                     *, bucket_bytes: float = 1e9, pipelined: bool = True) -> SyncTime:
+    """Time to refresh every rollout engine with the new weights (W = 2N bytes, bf16).
+
+    tp_gather   = all-gather of the rank's pipeline stage (W/pp) over tp ranks (full tensors)
+    pp_exchange = each engine device needs the other stages' layers: (pp-1)/pp * W / rollout_tp
+                  bytes over the pipeline link (NIC when stages sit on different nodes)
+    transfer    = colocated: W / rollout_tp bytes per device copied at HBM speed (IPC hand-over);
+                  disaggregated: a pipelined broadcast of W from the trainers to every engine
+                  device over its NIC: W / (inter_bw * eff)
+    engine_load = W / rollout_tp written into the engine's parameters at HBM speed
+    latency     = buckets * sync_bucket_latency + tensors * sync_tensor_overhead,
+                  buckets = ceil(W / bucket_bytes)
+
+    swap        = colocated only (eff.colocated_swap): (train_memory_per_device + W / rollout_tp)
+                  / host_bw -- training state out to host memory, engine weights in
+    Bucket pipelining overlaps the stages: total = max(stage) + (sum(stages) - max(stage)) / buckets
+    + latency + swap; without it, total = sum(stages) + latency + swap.
+    """
+    W = model.params * 2.0
+    tp, pp, rtp = layout.tp, layout.pp, layout.rollout_tp
+    bw, lat = _link(group=tp, span_nodes=tp > layout.devices_per_node, hw=hw, eff=eff)
+    tp_gather = allgather_time(W / pp, ranks=tp, bw=bw) if tp > 1 else 0.0
+    stage_devices = tp * layout.dp
+    pbw, _ = _link(group=pp, span_nodes=pp > 1 and stage_devices >= layout.devices_per_node, hw=hw, eff=eff)
+    pp_exchange = (pp - 1) / pp * W / rtp / pbw if pp > 1 else 0.0
+    hbm = hw.hbm_bw * eff.hbm
+    if layout.colocated:
+        transfer = W / rtp / hbm
+    else:
+        transfer = W / (hw.inter_bw * eff.inter_link)
+    engine_load = W / rtp / hbm
+    buckets = max(1, math.ceil(W / bucket_bytes))
+    latency = buckets * eff.sync_bucket_latency_s + model.tensors * eff.sync_tensor_overhead_s
+    swap = 0.0
+    if layout.colocated and eff.colocated_swap:
+        swap = (train_memory_per_device(model, layout) + W / rtp) / hw.host_bw
+    stages = [tp_gather, pp_exchange, transfer, engine_load]
+    if pipelined:
+        total = max(stages) + (sum(stages) - max(stages)) / buckets + latency + swap
+    else:
+        total = sum(stages) + latency + swap
+    return SyncTime(tp_gather, pp_exchange, transfer, engine_load, latency, swap, total, buckets)
+
+
+# ----------------------------------------------------------------------------------------------
+# the whole step
+
+
+@dataclass(frozen=True)
+class StepTime:
+    """Predicted seconds per RL step, keyed like the trainer's metrics (time/rollout, ...)."""
+
+    rollout: float
+    hint: float
+    logprob: float
+    update: float
+    weight_sync: float
+    overhead: float
+    step: float
+    mfu: float
+    """Update-phase MFU."""
+    train_memory_gb: float
+    detail: dict = field(default_factory=dict, compare=False)
+
+    def as_metrics(self) -> dict[str, float]:
+        return {"time/rollout": self.rollout, "time/hint": self.hint, "time/logprob": self.logprob,
+                "time/update": self.update, "time/weight_sync": self.weight_sync, "time/step": self.step}
+
+
+def step_time(model: ModelSpec, layout: Layout, work: Workload, hw: Hardware = H100_SXM,
+              eff: Efficiency = Efficiency()) -> StepTime:
+    """time/step = rollout + hint + logprob + update + weight_sync + step_overhead.
+
+    hint = hint_fraction * hint_levels rollouts of the batch's share that is re-sampled (SAGE only
+    re-rolls unresolved prompts; the hint-writing call itself is a short generation, ignored).
+    The phases are sequential (synchronous on-policy GRPO, colocated engines).
+    """
+    r = rollout_time(model, layout, work, hw, eff)
+    h = 0.0
+    if work.hint_fraction > 0:
+        hr = rollout_time(model, layout, work, hw, eff,
+                          sequences=max(1.0, work.sequences * work.hint_fraction))
+        h = work.hint_levels * hr.total
+    lp = logprob_time(model, layout, work, hw, eff)
+    t = train_time(model, layout, work, hw, eff)
+    s = weight_sync_time(model, layout, hw, eff)
+    step = r.total + h + lp + t.total + s.total + eff.step_overhead_s
+    return StepTime(rollout=r.total, hint=h, logprob=lp, update=t.total, weight_sync=s.total,
+                    overhead=eff.step_overhead_s, step=step, mfu=t.mfu,
+                    train_memory_gb=train_memory_per_device(model, layout) / 1e9,
+                    detail={"train": t, "rollout": r, "sync": s})
+
+
+def default_rollout_tp(model: ModelSpec, hw: Hardware, *, max_weight_share: float = 0.4) -> int:
+    """Smallest power-of-two engine TP (<= devices_per_node) whose weights take at most
+    max_weight_share of the engine's memory (the rest is KV cache)."""
+    tp = 1
+    while tp < hw.devices_per_node and model.params * 2.0 > max_weight_share * tp * hw.hbm_bytes:
+        tp *= 2
+    return tp
+
+
+def best_layout(model: ModelSpec, nodes: int, work: Workload, hw: Hardware = H100_SXM,
+                eff: Efficiency = Efficiency(), *, memory_share: float = 0.8) -> Layout | None:
+    """The (tp, pp) with the lowest predicted update time whose model state fits in
+    memory_share of device memory (activations get the rest); None if nothing fits."""
+    best, best_t = None, math.inf
+    d = hw.devices_per_node
+    rtp = default_rollout_tp(model, hw)
+    for tp in (1, 2, 4, 8):
+        if tp > d:
+            continue
+        for pp in (1, 2, 4, 8, 16):
+            if (nodes * d) % (tp * pp) or pp > model.layers:
+                continue
+            lay = Layout(nodes=nodes, devices_per_node=d, tp=tp, pp=pp, rollout_tp=rtp)
+            if train_memory_per_device(model, lay) > memory_share * hw.hbm_bytes:
+                continue
+            t = train_time(model, lay, work, hw, eff).total
+            if t < best_t:
+                best, best_t = lay, t
+    return best
+
+
+def predict_table(models: list[str], nodes_list: list[int], work: Workload = Workload(),
+                  hw: Hardware = H100_SXM, eff: Efficiency = Efficiency()) -> list[dict]:
+    """Rows {model, nodes, layout, time/...} for the best layout of each (model, nodes)."""
+    rows = []
+    for key in models:
+        m = MODELS[key]
+        for n in nodes_list:
+            lay = best_layout(m, n, work, hw, eff)
+            if lay is None:
+                rows.append({"model": m.name, "nodes": n, "layout": "does not fit"})
+                continue
+            p = step_time(m, lay, work, hw, eff)
+            rows.append({"model": m.name, "nodes": n, "gpus": lay.devices,
+                         "layout": f"tp{lay.tp} pp{lay.pp} dp{lay.dp} / rollout tp{lay.rollout_tp}",
+                         **{k: round(v, 2) for k, v in p.as_metrics().items()},
+                         "mfu_update": round(p.mfu, 3), "train_mem_gb": round(p.train_memory_gb, 1),
+                         "tok_per_s_per_gpu": round(work.tokens / p.step / lay.devices, 1)})
+    return rows
+
+
+# Published figures the model is checked against (docs/perf_model.md discusses each one).
+# Workload details not stated by the source are assumptions, marked "assumed".
+NEMO_RL_TABLE = "NVIDIA-NeMo/RL docs/about/performance-summary.md (v0.4 GRPO table, DGX-H100, BF16, Megatron)"
+
+
+def compare_published(hw: Hardware = H100_SXM, eff: Efficiency = Efficiency()) -> list[dict]:
+    """[{source, what, published, predicted, unit}] for the published figures the model can express."""
+    rows = []
+    # NeMo-RL Llama-3.1-8B on-policy GRPO: 16 H100, 2048 generations/step, 512/optimizer step
+    # (4 optimizer steps), mean sequence 1,060 tokens, max 4,096; generation TP1.
+    w8 = Workload(prompts=2048, samples=1, prompt_tokens=150, response_tokens=910,
+                  max_response_tokens=3946, optimizer_steps=4)       # prompt 150 assumed
+    p8 = step_time(MODELS["llama3.1-8b"], Layout(nodes=2, tp=1, pp=1, rollout_tp=1), w8, hw, eff)
+    rows += [{"source": NEMO_RL_TABLE, "what": "Llama-3.1-8B, 16 GPUs: step time", "unit": "s",
+              "published": 97.7, "predicted": p8.step},
+             {"source": NEMO_RL_TABLE, "what": "Llama-3.1-8B, 16 GPUs: tokens/s/GPU", "unit": "tok/s",
+              "published": 1562, "predicted": w8.tokens / p8.step / 16}]
+    # NeMo-RL Qwen3-32B on-policy: 32 H100, generation TP4, training TP4 PP4, mean seq 3,206.
+    w32 = Workload(prompts=2048, samples=1, prompt_tokens=150, response_tokens=3056,
+                   max_response_tokens=3946, optimizer_steps=4)
+    p32 = step_time(MODELS["qwen3-32b"], Layout(nodes=4, tp=4, pp=4, rollout_tp=4), w32, hw, eff)
+    rows += [{"source": NEMO_RL_TABLE, "what": "Qwen3-32B, 32 GPUs: step time", "unit": "s",
+              "published": 393, "predicted": p32.step},
+             {"source": NEMO_RL_TABLE, "what": "Qwen3-32B, 32 GPUs: tokens/s/GPU", "unit": "tok/s",
+              "published": 540, "predicted": w32.tokens / p32.step / 32}]
+    # NeMo-RL PR #449: refit of a ~30B dense model on 16 nodes, 18 s -> 7 s (layout assumed tp4).
+    s30 = weight_sync_time(MODELS["qwen3-32b"], Layout(nodes=16, tp=4, pp=1, rollout_tp=4), hw, eff)
+    rows.append({"source": "NVIDIA-NeMo/RL pull #449 (refit speedup)", "unit": "s",
+                 "what": "~30B dense refit, 16 nodes (after the PR; 18 s before)",
+                 "published": 7.0, "predicted": s30.total})
+    # open-instruct numbers quoted in vllm-project/vllm issue #5723: gloo-based sync, 8B 5-6 s, 70B ~180 s.
+    s8 = weight_sync_time(MODELS["llama3.1-8b"], Layout(nodes=1, tp=1, rollout_tp=1, colocated=False,
+                                                         rollout_nodes=1), hw, eff)
+    s70 = weight_sync_time(MODELS["70b"], Layout(nodes=2, tp=8, rollout_tp=8, colocated=False,
+                                                 rollout_nodes=1), hw, eff)
+    rows += [{"source": "vllm-project/vllm issue #5723 (open-instruct, gloo broadcast)", "unit": "s",
+              "what": "8B weight broadcast to vLLM", "published": 5.5, "predicted": s8.total},
+             {"source": "vllm-project/vllm issue #5723 (open-instruct, gloo broadcast)", "unit": "s",
+              "what": "70B weight broadcast to vLLM", "published": 180.0, "predicted": s70.total}]
+    # verl issue #7203: Qwen3.5-9B (multimodal), 8xH800, Megatron TP2 DP4, SGLang TP8:
+    # update_weights ~3.5 s, actor-update MFU 2.3-2.7%. Proxy: Llama-3.1-8B shapes (same size class).
+    w9 = Workload(prompts=32, samples=5, prompt_tokens=600, response_tokens=1000, max_response_tokens=2048,
+                  optimizer_steps=1)
+    l9 = Layout(nodes=1, tp=2, pp=1, rollout_tp=8)
+    p9 = step_time(MODELS["llama3.1-8b"], l9, w9, hw, eff)
+    rows += [{"source": "verl-project/verl issue #7203", "what": "~9B, 8 GPUs: update_weights", "unit": "s",
+              "published": 3.5, "predicted": p9.weight_sync},
+             {"source": "verl-project/verl issue #7203", "what": "~9B, 8 GPUs: actor-update MFU", "unit": "",
+              "published": 0.025, "predicted": p9.mfu}]
+    # verl issue #2579: actor MFU 0.5 on one node, 0.17 on two (same per-GPU batch; model unknown).
+    # Ratio 2-node/1-node MFU for a 7B at tp1: with one 400 Gb/s NIC per GPU, and with one
+    # 200 Gb/s NIC per node (25 GB/s shared by 8 GPUs).
+    w7 = Workload()
+    r = []
+    for inter in (hw.inter_bw, 25e9 / 8):
+        h2 = dataclasses.replace(hw, inter_bw=inter)
+        m1 = train_time(MODELS["7b"], Layout(nodes=1, tp=1), w7, h2, eff).mfu
+        w7b = dataclasses.replace(w7, prompts=2 * w7.prompts)  # same per-GPU batch
+        m2 = train_time(MODELS["7b"], Layout(nodes=2, tp=1), w7b, h2, eff).mfu
+        r.append(m2 / m1)
+    rows += [{"source": "verl-project/verl issue #2579", "unit": "ratio",
+              "what": "2-node / 1-node actor MFU (400 Gb/s per GPU)", "published": 0.17 / 0.5, "predicted": r[0]},
+             {"source": "verl-project/verl issue #2579", "unit": "ratio",
+              "what": "2-node / 1-node actor MFU (200 Gb/s per node)", "published": 0.17 / 0.5, "predicted": r[1]}]
+    return rows
+
+
+def measure_cpu_hardware(*, threads: int = 1, seconds: float = 0.5, inter_bw: float | None = None) -> Hardware:
+    """Measures this machine (matmul FLOP/s and copy bandwidth with `threads` threads) and
+    returns a one-device-per-node Hardware. inter_bw (emulated-node network) is taken as given
+    (bench/scaling.py measures it with Ray)."""
+    import time
+
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        a = torch.randn(512, 512)
+        b = torch.randn(512, 512)
+        a @ b
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            a @ b
+            n += 1
+        flops = 2 * 512 ** 3 * n / (time.perf_counter() - t0)
+        x = torch.empty(32 * 2 ** 20 // 4)
+        y = torch.empty_like(x)
+        y.copy_(x)
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            y.copy_(x)
+            n += 1
+        bw = x.numel() * 4 * n / (time.perf_counter() - t0)  # bytes read (copy also writes as much)
+    finally:
+        torch.set_num_threads(old)
+    base = CPU_THIS_MACHINE
+    return dataclasses.replace(base, name=f"this CPU ({threads} thread(s), measured)", peak_flops=flops,
+                               peak_flops_fp8=flops, hbm_bw=bw, intra_bw=bw,
+                               inter_bw=inter_bw if inter_bw is not None else base.inter_bw)
+
+
+def _markdown(rows: list[dict]) -> str:
+    cols = ["model", "nodes", "gpus", "layout", "time/rollout", "time/logprob", "time/update",
+            "time/weight_sync", "time/step", "mfu_update", "train_mem_gb", "tok_per_s_per_gpu"]
+    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        out.append("| " + " | ".join(str(r.get(c, "")) for c in cols) + " |")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="Predicted hinted-GRPO step times on H100 nodes.")
+    ap.add_argument("--model", choices=sorted(MODELS), action="append")
+    ap.add_argument("--nodes", type=int, action="append")
+    ap.add_argument("--tp", type=int)
+    ap.add_argument("--pp", type=int)
+    ap.add_argument("--rollout-tp", type=int)
+    ap.add_argument("--response-tokens", type=float, default=Workload.response_tokens)
+    ap.add_argument("--prompts", type=int, default=Workload.prompts)
+    ap.add_argument("--compare", action="store_true", help="print the comparison with published figures")
+    a = ap.parse_args(argv)
+    if a.compare:
+        print("| source | figure | published | predicted | predicted / published |\n|---|---|---|---|---|")
+        for r in compare_published():
+            print(f"| {r['source']} | {r['what']} | {r['published']:g} {r['unit']} | "
+                  f"{r['predicted']:.3g} {r['unit']} | {r['predicted'] / r['published']:.2f} |")
+        return 0
+    work = Workload(prompts=a.prompts, response_tokens=a.response_tokens)
+    models = a.model or ["7b", "32b", "70b"]
+    nodes = a.nodes or [1, 2, 4, 8, 16]
+    if a.tp or a.pp:
+        for key in models:
+            m = MODELS[key]
+            for n in nodes:
+                lay = Layout(nodes=n, tp=a.tp or 1, pp=a.pp or 1,
+                             rollout_tp=a.rollout_tp or default_rollout_tp(m, H100_SXM))
+                p = step_time(m, lay, work)
+                print(m.name, n, "nodes", {k: round(v, 2) for k, v in p.as_metrics().items()},
+                      f"mfu={p.mfu:.3f} mem={p.train_memory_gb:.1f}GB")
+        return 0
+    print(_markdown(predict_table(models, nodes, work)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

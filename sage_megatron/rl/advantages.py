@@ -1,0 +1,111 @@
+"""GRPO group advantages: A_i = (R_i - mean_g R) / (std_g R + eps), one scalar per response.
+
+std_mode:
+  "unbiased"   (DEFAULT) std with 1/(G-1), as the SAGE reference code (verl's torch.std) computes it;
+  "population" std with 1/G, as the paper writes it.
+eps = 1e-6 in both. A group of one sample (G = 1) has mean 0 and std 1, so A = R (verl's convention;
+"unbiased" std is undefined there). A group whose rewards are all equal has A = 0 for every sample:
+it carries no learning signal ("zero-advantage group"); with SAGE that is what hints try to fix.
+
+Shapes: N prompt groups of G samples -> (N, G); ragged groups (SAGE "mix" mode may change a group's
+size) use the flat (B,) form with a group index per sample.
+"""
+from __future__ import annotations
+
+from typing import Literal, Sequence
+
+import torch
+
+from sage_megatron.types import PromptGroup
+
+StdMode = Literal["unbiased", "population"]
+DEFAULT_STD_MODE: StdMode = "unbiased"
+DEFAULT_EPS = 1e-6
+
+
+def grpo_advantages(rewards: torch.Tensor, *, std_mode: StdMode = DEFAULT_STD_MODE,
+                    eps: float = DEFAULT_EPS) -> torch.Tensor:
+    """Group-normalised advantages of equal-size groups.
+
+    rewards: (N, G) float, one row per prompt group.  Returns (N, G).
+    """
+    if rewards.dim() != 2:
+        raise ValueError(f"rewards must be (N, G), got shape {tuple(rewards.shape)}")
+    out_dtype = _float_dtype(rewards)
+    r = rewards.to(torch.float64)
+    if r.shape[1] == 1:
+        return r.to(out_dtype)  # mean 0, std 1 (see module docstring)
+    mean = r.mean(dim=1, keepdim=True)                                     # (N, 1)
+    std = r.std(dim=1, keepdim=True, correction=_correction(std_mode))    # (N, 1)
+    return ((r - mean) / (std + eps)).to(out_dtype)
+
+
+def grpo_advantages_ragged(rewards: torch.Tensor, group_index: torch.Tensor, *,
+                           std_mode: StdMode = DEFAULT_STD_MODE, eps: float = DEFAULT_EPS) -> torch.Tensor:
+    """Group-normalised advantages when groups have different sizes.
+
+    rewards: (B,) float; group_index: (B,) long in [0, num_groups). Returns (B,).
+    """
+    if rewards.shape != group_index.shape or rewards.dim() != 1:
+        raise ValueError(f"rewards and group_index must both be (B,), got {tuple(rewards.shape)} "
+                         f"and {tuple(group_index.shape)}")
+    r = rewards.to(torch.float64)
+    k = int(group_index.max().item()) + 1 if group_index.numel() else 0
+    count = torch.zeros(k, dtype=torch.float64).index_add_(0, group_index, torch.ones_like(r))    # (K,)
+    mean = torch.zeros(k, dtype=torch.float64).index_add_(0, group_index, r) / count.clamp(min=1)
+    sq = torch.zeros(k, dtype=torch.float64).index_add_(0, group_index, (r - mean[group_index]) ** 2)
+    denom = (count - _correction(std_mode)).clamp(min=1)
+    std = (sq / denom).sqrt()
+    single = count[group_index] == 1
+    adv = (r - mean[group_index]) / (std[group_index] + eps)
+    return torch.where(single, r, adv).to(_float_dtype(rewards))
+
+
+def group_advantages(groups: Sequence[PromptGroup], *, std_mode: StdMode = DEFAULT_STD_MODE,
+                     eps: float = DEFAULT_EPS) -> dict[str, list[float]]:
+    """Per-sample advantages of each group, keyed by the group's uid (never by position)."""
+    uids = [g.uid for g in groups]
+    if len(set(uids)) != len(uids):
+        raise ValueError(f"duplicate group uids: {sorted({u for u in uids if uids.count(u) > 1})}")
+    rewards = torch.tensor([r for g in groups for r in g.rewards], dtype=torch.float64)
+    index = torch.tensor([i for i, g in enumerate(groups) for _ in g.rewards], dtype=torch.long)
+    adv = grpo_advantages_ragged(rewards, index, std_mode=std_mode, eps=eps).tolist()
+    out: dict[str, list[float]] = {}
+    pos = 0
+    for g in groups:
+        out[g.uid] = adv[pos:pos + len(g.rewards)]
+        pos += len(g.rewards)
+    return out
+
+
+def zero_advantage_mask(rewards: torch.Tensor) -> torch.Tensor:
+    """True for groups whose rewards are all equal (every advantage is exactly 0).
+
+    rewards: (N, G). Returns (N,) bool.
+    """
+    return rewards.max(dim=1).values == rewards.min(dim=1).values
+
+
+def is_zero_advantage(rewards: Sequence[float]) -> bool:
+    """True when one group's rewards are all equal (no learning signal); an empty group is too."""
+    return len(set(rewards)) <= 1
+
+
+def broadcast_to_tokens(advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Sequence advantages repeated over each response's tokens.
+
+    advantages: (B,); mask: (B, T) 0/1 response mask. Returns (B, T), zero where mask is 0.
+    """
+    return advantages.to(_float_dtype(mask))[:, None] * mask
+
+
+def _float_dtype(x: torch.Tensor) -> torch.dtype:
+    return x.dtype if x.is_floating_point() else torch.float32
+
+
+def _correction(std_mode: str) -> int:
+    if std_mode == "unbiased":
+        return 1
+    if std_mode == "population":
+        return 0
+    raise ValueError(f"std_mode must be 'unbiased' or 'population', got {std_mode!r}")

@@ -1,0 +1,1 @@
+"""Test and benchmark helpers that build real (tiny) artefacts: models, tokenizers, clusters."""

@@ -1,0 +1,416 @@
+"""Entry point and the ONE training loop (SPMD over a (tp, pp, dp) Megatron layout).
+
+    sage-megatron train --config configs/toy.yaml algorithm.name=sage run.steps=8
+    sage-megatron toy                      # GRPO vs SAGE from the same start, comparison table
+
+The parent process validates the config, resolves the model (the cached pretrained toy policy or an
+HF folder), converts it once to a Megatron dist checkpoint (cached by content), then runs
+``run_rank`` on tp*pp*dp gloo/NCCL ranks (or in place under torchrun/srun). Every rank runs the same
+loop; global rank 0 also owns the rollout pool (Ray + vLLM), the reward, the hinting strategy, the
+data iterator and the metrics writer, and broadcasts each step's groups to the other ranks.
+
+Kept from the paper's recipe: GRPO group advantages, PPO clipped surrogate (asymmetric + dual clip,
+token mean), one PPO epoch over ``optim.mini_batches`` mini-batches, old log-probs recomputed by the
+actor, on-policy rollouts (the pool refuses stale weights: ``min_version``). The algorithm (GRPO,
+SAGE, SAGE-light, hint source, trigger, replace/mix) is a hinting object chosen by config; the loop
+has no algorithm branches.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from sage_megatron.config import Config, validate, validate_for_model
+
+# ============================================================================ the loop
+
+
+def training_loop(t: "Trainer") -> dict:
+    """next batch -> rollout + reward + hints -> advantages -> old/ref log-probs -> update -> weight sync
+    -> log -> checkpoint. Same call sequence on every rank; rank-0-only work is inside the helpers."""
+    from sage_megatron.metrics import PhaseTimer
+    from sage_megatron.rl.actor import replace_batch
+    from sage_megatron.rl.advantages import group_advantages
+    from sage_megatron.rl.metrics_math import step_group_metrics
+    from sage_megatron.rl.weight_sync import sync_weights
+
+    cfg = t.cfg
+    for step in range(t.state.step + 1, cfg.run.steps + 1):
+        timer = PhaseTimer()
+        with timer.phase("step"):
+            out = t.broadcast(t.rollout_with_hints(step) if t.rank == 0 else None)    # rank 0 samples
+            with timer.phase("advantages"):
+                adv = group_advantages(out.groups, std_mode=cfg.algorithm.std_mode, eps=cfg.algorithm.adv_eps)
+                batches = t.mini_batches(out.groups, adv)
+            with timer.phase("logprob"):
+                batches = [replace_batch(b, old_logp=t.actor.compute_logprobs(b) * b.response_mask) for b in batches]
+            with timer.phase("ref_logprob"):
+                if t.ref is not None:
+                    batches = [replace_batch(b, ref_logp=t.ref.compute_logprobs(b)) for b in batches]
+            with timer.phase("update"):
+                updates = [t.actor.train_step(b) for b in batches]
+            with timer.phase("weight_sync"):
+                t.state.weight_version = sync_weights(t.actor.model, arch=t.actor.arch, pool=t.pool)["version"]
+            t.solved.update(seen=[g.row_index for g in out.groups], solved=out.solved_rows)
+        t.log(step, {**out.metrics, **step_group_metrics(out.groups), **t.solved.metrics(),
+                     **mean_of(updates, prefix="train/"), **timer.metrics()})
+        t.state.step = step
+        t.maybe_evaluate(step)
+        t.maybe_checkpoint(step)
+    return t.finish()
+
+
+def mean_of(dicts: list[dict], *, prefix: str) -> dict[str, float]:
+    """Per-key mean of the mini-batch update metrics."""
+    return {prefix + k: sum(d[k] for d in dicts) / len(dicts) for k in dicts[0]} if dicts else {}
+
+
+# ============================================================================ rank-level components
+
+
+@dataclass
+class LoopState:
+    """What the loop itself carries across steps (checkpointed with the components' states)."""
+
+    step: int = 0
+    weight_version: int = 0
+    evals: dict = field(default_factory=dict)   # {"start": {...}, "final": {...}}
+
+
+class StepSampler:
+    """The pool as the hinting object's Sampler for one step: seeded per step and per call (so a resumed
+    run draws exactly what a straight run draws), on-policy (min_version = last synced version)."""
+
+    def __init__(self, pool, *, seed: int, step: int, min_version: int) -> None:
+        self.pool, self.base, self.min_version, self.calls = pool, seed * 1_000_003 + step * 10_007, min_version, 0
+
+    def generate(self, requests, sampling):
+        self.calls += 1
+        seeded = replace(sampling, seed=self.base + self.calls * 100_003 + (sampling.seed or 0))
+        return self.pool.generate(requests, seeded, min_version=self.min_version)
+
+
+class Trainer:
+    """Everything one rank holds. Rank 0 additionally holds pool, hinting, data, writer."""
+
+    def __init__(self, cfg: Config, paths: dict) -> None:
+        import torch.distributed as dist
+
+        from sage_megatron import checkpoint as ck
+        from sage_megatron.parallel.layout import ParallelLayout
+        from sage_megatron.rl.actor import ActorConfig, MegatronActor, build_reference
+        from sage_megatron.rl.metrics_math import SolvedTracker
+
+        self.cfg, self.paths = cfg, paths
+        self.rank = dist.get_rank()
+        self.layout = ParallelLayout(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.dp)
+        self.run_dir = Path(cfg.run.dir)
+        self.ckpt_root = self.run_dir / "checkpoints"
+        resume_from = ck.latest_checkpoint(self.ckpt_root) if cfg.run.resume else None
+        a, o = cfg.algorithm, cfg.optim
+        actor_cfg = ActorConfig(
+            ckpt_dir=str(resume_from or paths["base_ckpt"]), layout=self.layout, dtype=cfg.model.dtype, lr=o.lr,
+            weight_decay=o.weight_decay, grad_clip=o.grad_clip, micro_batch_size=cfg.parallel.micro_batch_size,
+            clip_low=a.clip_low, clip_high=a.clip_high, clip_c=a.clip_c, kl_coef=a.kl_coef, kl_kind=a.kl_kind,
+            entropy_coef=a.entropy_coef, loss_agg=a.loss_agg)
+        self.actor = MegatronActor(actor_cfg)
+        self.ref = build_reference(replace(actor_cfg, ckpt_dir=str(paths["base_ckpt"])))
+        self.state, self.solved = LoopState(), SolvedTracker()
+        self.pool = self.hinting = self.data = self.writer = self.eval_rows = None
+        saved = ck.load_loop_state(resume_from, layout=self.layout) if resume_from else None
+        if resume_from:
+            ck.load_rank_state(resume_from, actor=self.actor)
+            self.state = LoopState(step=saved["step"], weight_version=saved["weight_version"],
+                                   evals=saved.get("evals", {}))
+            self.solved.load_state_dict(saved["solved"])
+        if self.rank == 0:
+            self._start_rank0(saved)
+        self.pad_id = self.broadcast(self.pad_id if self.rank == 0 else None)
+        if resume_from:   # the engines start from the HF start weights: give them the checkpoint's
+            from sage_megatron.rl.weight_sync import sync_weights
+
+            sync_weights(self.actor.model, arch=self.actor.arch, pool=self.pool, version=self.state.weight_version)
+        self.resumed_from = str(resume_from) if resume_from else None
+        if not resume_from and cfg.eval.at_start:
+            self.maybe_evaluate(0)
+
+    def _start_rank0(self, saved: dict | None) -> None:
+        from sage_megatron.metrics import MetricsWriter
+        from sage_megatron.rl.data import EpochIterator
+        from sage_megatron.rl.hints import chat_encoder
+        from sage_megatron.rl.reward import batch_math_reward
+        from sage_megatron.rl.rollout_pool import RolloutPoolConfig
+        from sage_megatron.rl.vllm_engine import EngineConfig
+        from sage_megatron.rl.weight_sync import start_rollout_pool_in_trainer
+
+        cfg, r = self.cfg, self.cfg.rollout
+        self.pool = start_rollout_pool_in_trainer(RolloutPoolConfig(
+            engine=EngineConfig(model_dir=str(self.paths["hf_dir"]), dtype=r.engine_dtype,
+                                max_model_len=r.max_model_len, kv_cache_gib=r.kv_cache_gib, seed=cfg.run.seed),
+            num_engines=r.num_engines, ray_address=r.ray_address, cpus_per_engine=r.cpus_per_engine, verbose=False))
+        tok = self.pool.tokenizer
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        self.encode = chat_encoder(tok)
+        self.reward = batch_math_reward
+        self.hinting = build_hinting(cfg, encode=self.encode)
+        self.data = EpochIterator(load_train_rows(cfg, self.paths), batch_size=cfg.data.batch_size,
+                                  seed=cfg.run.seed, shuffle=cfg.data.shuffle)
+        if cfg.eval.data:
+            self.eval_rows = load_eval_rows(self.paths["eval_data"], max_prompts=cfg.eval.max_prompts, seed=cfg.run.seed)
+        if saved:
+            self.data.load_state_dict(saved["data"])
+            self.hinting.load_state_dict(saved["hinting"])
+        start = self.state.step
+        self.writer = MetricsWriter(self.run_dir, tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress,
+                                    total_steps=cfg.run.steps, start_step=start)
+        self.t_start = time.perf_counter()
+
+    # -- phases used by the loop --
+
+    def broadcast(self, obj: Any) -> Any:
+        import torch.distributed as dist
+
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def rollout_with_hints(self, step: int):
+        rows = self.data.next_batch()
+        sampler = StepSampler(self.pool, seed=self.cfg.run.seed, step=step, min_version=self.state.weight_version)
+        return self.hinting.apply(rows, step=step, sampler=sampler, reward_fn=self.reward)
+
+    def mini_batches(self, groups, advantages) -> list:
+        from sage_megatron.rl.actor import batch_from_groups
+
+        k = self.cfg.optim.mini_batches
+        size = -(-len(groups) // k)
+        return [batch_from_groups(groups[i:i + size], advantages, pad_id=self.pad_id,
+                                  max_len=self.cfg.rollout.max_model_len) for i in range(0, len(groups), size)]
+
+    def log(self, step: int, metrics: dict) -> None:
+        if self.rank == 0:
+            hinted = {k: v for k, v in metrics.items() if k.startswith(("hint/hinted_l", "hint/level_l"))}
+            metrics["hint/hinted_total"] = sum(v for k, v in hinted.items() if not k.endswith("_l0"))
+            metrics["weight_version"] = self.state.weight_version
+            self.writer.log(step, metrics)
+
+    def maybe_evaluate(self, step: int) -> None:
+        """Held-out avg@k (no hints) before the first step and after the last (rank 0; others wait)."""
+        if self.rank != 0 or self.eval_rows is None or step not in (0, self.cfg.run.steps):
+            return
+        from sage_megatron.evaluate import avg_at_k
+        from sage_megatron.rl.hints import load_templates
+
+        e, r = self.cfg.eval, self.cfg.rollout
+        res = avg_at_k(self.pool, self.eval_rows, templates=load_templates(template_dir(self.cfg.algorithm.templates)),
+                       encode=self.encode, k=e.k, temperature=e.temperature, top_p=e.top_p, max_tokens=r.max_tokens,
+                       seed=self.cfg.run.seed + 17, reward_fn=self.reward, min_version=self.state.weight_version)
+        self.state.evals["start" if step == 0 else "final"] = res
+        print(f"[eval step {step}] held-out avg@{e.k} = {res['avg_at_k']:.3f} "
+              f"(pass@{e.k} {res['pass_at_k']:.3f}, {res['prompts']} prompts, {res['seconds']:.1f}s)", flush=True)
+
+    def maybe_checkpoint(self, step: int) -> None:
+        from sage_megatron import checkpoint as ck
+
+        every, last = self.cfg.run.checkpoint_every, step == self.cfg.run.steps
+        if not ((every and step % every == 0) or (last and self.cfg.run.export_hf)):
+            return
+        loop = None
+        if self.rank == 0:
+            loop = {"weight_version": self.state.weight_version, "evals": self.state.evals,
+                    "data": self.data.state_dict(), "hinting": self.hinting.state_dict(),
+                    "solved": self.solved.state_dict()}
+        path = ck.save_checkpoint(self.ckpt_root, step, actor=self.actor, base_ckpt=self.paths["base_ckpt"],
+                                  loop_state=loop, layout=self.layout, keep=self.cfg.run.keep_checkpoints)
+        self.last_checkpoint = path
+
+    def finish(self) -> dict:
+        if self.rank != 0:
+            return {}
+        self.writer.close()
+        return {"run_dir": str(self.run_dir), "steps": self.state.step, "evals": self.state.evals,
+                "never_solved_share": self.solved.never_solved_share(), "resumed_from": self.resumed_from,
+                "train_seconds": time.perf_counter() - self.t_start}
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
+
+
+def run_rank(cfg: Config, paths: dict) -> dict:
+    """One rank of the SPMD trainer (spawned by run_distributed, or one torchrun/srun task)."""
+    from sage_megatron.parallel.distributed import init_parallel
+    from sage_megatron.parallel.layout import ParallelLayout
+
+    init_parallel(ParallelLayout(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.dp), seed=cfg.run.seed)
+    trainer = Trainer(cfg, paths)
+    try:
+        return training_loop(trainer)
+    finally:
+        trainer.close()
+
+
+# ============================================================================ building from config
+
+
+def template_dir(name: str) -> Path:
+    from sage_megatron.rl.hints import PAPER_TEMPLATES
+    from sage_megatron.rl.toy_task import TEMPLATE_DIR
+
+    return {"toy": TEMPLATE_DIR, "paper": PAPER_TEMPLATES}.get(name, Path(name))
+
+
+def build_hinting(cfg: Config, *, encode):
+    """The hinting strategy (GRPO / SAGE / SAGE-light) and hint source the config asks for."""
+    from sage_megatron.rl import hints as H
+    from sage_megatron.types import SamplingConfig
+
+    a, r = cfg.algorithm, cfg.rollout
+    templates = H.load_templates(template_dir(a.templates))
+    settings = H.RolloutSettings(templates=templates, encode=encode, sampling=SamplingConfig(
+        n=r.group_size, temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_tokens))
+    if a.name == "grpo":
+        return H.GrpoHinting(settings)
+    if a.hint_source == "policy":
+        source = H.PolicyHintSource(templates=templates, encode=encode, levels=a.levels, sampling=SamplingConfig(
+            n=1, temperature=a.hint_temperature, max_tokens=a.hint_max_tokens), max_retries=a.hint_max_retries,
+            retry_temperature=a.hint_retry_temperature)
+    else:
+        source = H.ReferencePrefixHintSource(levels=a.levels, fractions=a.prefix_fractions)
+    if a.name == "sage":
+        return H.SageHinting(settings, hint_source=source, levels=a.levels, trigger=a.trigger,
+                             trigger_threshold=a.trigger_threshold, mode=a.mode, mix_count=a.mix_count,
+                             loss_context=a.loss_context)
+    schedule = H.SageLightSchedule(levels=a.levels, min_threshold=a.light_min_threshold,
+                                   max_threshold=a.light_max_threshold, escalate_only=a.light_escalate_only)
+    return H.SageLightHinting(settings, hint_source=source, schedule=schedule, loss_context=a.loss_context)
+
+
+def load_train_rows(cfg: Config, paths: dict):
+    from sage_megatron.rl.data import Columns, load_rows
+
+    d = cfg.data
+    cols = Columns(problem=d.problem_key, solution=d.solution_key or None, answer=d.answer_key, index=d.index_key)
+    return load_rows(paths["train_data"], columns=cols, require_solution=cfg.algorithm.name != "grpo")
+
+
+def load_eval_rows(path: str, *, max_prompts: int = 0, seed: int = 0):
+    """Held-out rows ("toy" = the toy task's hard split); the first ``max_prompts`` (0 = all)."""
+    from sage_megatron.rl.data import Columns, load_rows
+
+    if path == "toy":
+        path = str(toy_data_paths(Path("runs/cache"), seed=seed)["heldout_hard"])
+    rows = load_rows(path, columns=Columns(index="index"), require_solution=False)
+    return rows[:max_prompts] if max_prompts else rows
+
+
+def toy_data_paths(cache_dir: Path, *, seed: int = 0) -> dict[str, Path]:
+    from sage_megatron.rl import toy_task
+
+    out = cache_dir / f"toy_data-seed{seed}"
+    files = {"train": out / "train.jsonl", "heldout_hard": out / "heldout_hard.jsonl"}
+    if not all(p.is_file() for p in files.values()):
+        return toy_task.write_default_dataset(out, seed=seed)
+    return files
+
+
+def resolve_model(cfg: Config) -> Path:
+    """The starting policy's HF folder (trains and caches the toy policy on first use)."""
+    if cfg.model.hf_dir != "toy":
+        return Path(cfg.model.hf_dir).absolute()
+    from sage_megatron.rl.toy_pretrain import cached_toy_policy
+
+    return Path(cached_toy_policy(cfg.model.cache_dir)).absolute()
+
+
+def converted_checkpoint(cfg: Config, hf_dir: Path) -> Path:
+    """hf_to_megatron once per (model files, tp, pp, dtype), cached under model.cache_dir."""
+    from sage_megatron.parallel.convert import hf_to_megatron
+
+    h = hashlib.sha256()
+    for p in sorted(hf_dir.iterdir()):
+        if p.is_file():
+            st = p.stat()
+            h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    h.update(f"{hf_dir}|{cfg.parallel.tp}|{cfg.parallel.pp}|{cfg.model.dtype}".encode())
+    out = Path(cfg.model.cache_dir).absolute() / "megatron" / f"{hf_dir.name}-{h.hexdigest()[:12]}"
+    if not (out / "sage_megatron.json").is_file():
+        hf_to_megatron(hf_dir, out, tp=cfg.parallel.tp, pp=cfg.parallel.pp, dtype=cfg.model.dtype, overwrite=True)
+    return out
+
+
+def prepare(cfg: Config) -> dict:
+    """Everything before the ranks start: validation, model, data files, converted checkpoint."""
+    validate(cfg)
+    hf_dir = resolve_model(cfg)
+    validate_for_model(cfg, hf_dir)
+    cache = Path(cfg.model.cache_dir)
+    toy = toy_data_paths(cache, seed=cfg.run.seed) if "toy" in (cfg.data.train, cfg.eval.data) else {}
+    paths = {"hf_dir": str(hf_dir), "base_ckpt": str(converted_checkpoint(cfg, hf_dir)),
+             "train_data": str(toy["train"] if cfg.data.train == "toy" else Path(cfg.data.train).absolute()),
+             "eval_data": str(toy["heldout_hard"]) if cfg.eval.data == "toy" else cfg.eval.data}
+    Path(cfg.run.dir).mkdir(parents=True, exist_ok=True)
+    from sage_megatron.config import to_dict
+
+    (Path(cfg.run.dir) / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
+    return paths
+
+
+def train(cfg: Config) -> dict:
+    """Validate, prepare, run every rank; returns rank 0's result (run summary)."""
+    from sage_megatron.parallel.launch import launched_externally, run_distributed
+
+    paths = prepare(cfg)
+    if launched_externally():
+        return run_rank(cfg, paths)
+    world = cfg.parallel.tp * cfg.parallel.pp * cfg.parallel.dp
+    return run_distributed(run_rank, world_size=world, args=(cfg, paths))[0]
+
+
+# ============================================================================ the embedded default
+
+
+def summarize(result: dict, run_dir: str | Path) -> dict:
+    """The comparison numbers of one run (from its result and metrics.jsonl)."""
+    from sage_megatron.metrics import read_metrics
+    from sage_megatron.report import hinted_per_level
+
+    recs = read_metrics(run_dir)
+    mean = lambda key: sum(r.get(key) or 0.0 for r in recs) / len(recs) if recs else 0.0  # noqa: E731
+    levels = {str(l): sum(hinted_per_level(r, l) for r in recs) for l in (1, 2, 3)}
+    return {"heldout_accuracy": result["evals"].get("final", {}).get("avg_at_k"),
+            "heldout_accuracy_start": result["evals"].get("start", {}).get("avg_at_k"),
+            "prompt_usage": mean("groups/prompt_usage"), "acc_before_hints": mean("acc/before_hints"),
+            "never_solved_share": result["never_solved_share"], "hinted_per_level": levels,
+            "hint_parse_failures": sum(r.get("hint/parse_failures") or 0.0 for r in recs),
+            "steps": result["steps"], "train_seconds": result["train_seconds"],
+            "step_seconds": mean("time/step")}
+
+
+def toy_comparison(out_dir: str | Path, *, config: str = "configs/toy.yaml", overrides: list[str] = ()) -> dict:
+    """GRPO and SAGE from the same start and seed; prints a table, writes out_dir/summary.json."""
+    from sage_megatron.config import load_config
+
+    out = Path(out_dir)
+    summary: dict[str, Any] = {}
+    for name in ("grpo", "sage"):
+        cfg = load_config(config, [*overrides, f"algorithm.name={name}", f"run.dir={out / name}", "run.resume=false"])
+        print(f"=== {name}: {cfg.run.steps} steps, batch {cfg.data.batch_size} x G={cfg.rollout.group_size}", flush=True)
+        summary[name] = summarize(train(cfg), out / name)
+    summary["sage_over_grpo_time"] = summary["sage"]["step_seconds"] / max(summary["grpo"]["step_seconds"], 1e-9)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    rows = [("held-out accuracy (hard, no hints)", "heldout_accuracy"), ("held-out accuracy at start", "heldout_accuracy_start"),
+            ("prompt usage (mean)", "prompt_usage"), ("accuracy before hints (mean)", "acc_before_hints"),
+            ("never-solved share", "never_solved_share"), ("step seconds (mean)", "step_seconds")]
+    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    print("\n| metric | GRPO | SAGE |\n|---|---|---|")
+    for label, key in rows:
+        print(f"| {label} | {fmt(summary['grpo'][key])} | {fmt(summary['sage'][key])} |")
+    print(f"| hinted prompts per level (1/2/3) | - | {'/'.join(str(int(v)) for v in summary['sage']['hinted_per_level'].values())} |")
+    print(f"| SAGE / GRPO time per step | | {summary['sage_over_grpo_time']:.2f}x |")
+    print((out / "summary.json").absolute())
+    return summary

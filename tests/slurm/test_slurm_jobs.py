@@ -1,0 +1,122 @@
+"""The sbatch scripts, submitted UNCHANGED to a real local two-node Slurm cluster.
+
+The trainer is replaced through SAGE_TRAIN_CMD by `sage_megatron.testing.ray_probe`, which
+runs one Ray task pinned to each node and prints where it ran. Job state is read with
+`scontrol show job` (no accounting here, so no sacct; no `sbatch --wait`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from sage_megatron.testing.slurm_cluster import SlurmCluster, find_processes, _netns_inode
+
+pytestmark = pytest.mark.slurm
+
+REPO = Path(__file__).resolve().parents[2]
+PROBE = "python -m sage_megatron.testing.ray_probe --expect-nodes 2"
+
+
+def submit(cluster: SlurmCluster, script: str, tmp_path: Path, *, env: dict[str, str],
+           sbatch_args: tuple[str, ...] = ()) -> str:
+    full_env = {"SAGE_LOG_DIR": str(tmp_path / "logs"), "SAGE_RAY_TMPDIR": cluster.ray_tmp_dir, **env}
+    return cluster.sbatch(REPO / "scripts" / "slurm" / script, cwd=REPO, env=full_env,
+                          sbatch_args=("--output", str(tmp_path / "%x-%j.out"), *sbatch_args))
+
+
+def job_log(tmp_path: Path, job_id: str) -> str:
+    [log] = tmp_path.glob(f"*-{job_id}.out")
+    return log.read_text()
+
+
+def run_job(cluster, script, tmp_path, *, env, sbatch_args=(), timeout=180):
+    job = submit(cluster, script, tmp_path, env=env, sbatch_args=sbatch_args)
+    info = cluster.wait_job(job, timeout=timeout)
+    return info, job_log(tmp_path, job)
+
+
+def test_train_job_ray_cluster_spans_both_nodes(slurm_cluster, tmp_path):
+    info, log = run_job(slurm_cluster, "train.sbatch", tmp_path, env={"SAGE_TRAIN_CMD": PROBE},
+                        sbatch_args=("-N", "2"))
+    assert (info.state, info.exit_code) == ("COMPLETED", 0), f"{info}\n{log}"
+    rows = re.findall(r"RAY_PROBE node=(\w+) ip=(\S+) hostname=(\S+) registered_ip=(\S+)", log)
+    assert sorted(r[2] for r in rows) == ["sgnode1", "sgnode2"], log
+    assert sorted(r[1] for r in rows) == sorted(slurm_cluster.node_addrs), log
+    assert all(r[1] == r[3] for r in rows), log  # the task ran where Ray says the node is
+    assert len({r[0] for r in rows}) == 2
+    assert "RAY_PROBE_OK nodes=2 distinct_ips=2" in log
+
+
+def test_failing_train_step_fails_the_job(slurm_cluster, tmp_path):
+    info, log = run_job(slurm_cluster, "train.sbatch", tmp_path,
+                        env={"SAGE_TRAIN_CMD": PROBE + " --fail-with 3"})
+    assert info.state == "FAILED", f"{info}\n{log}"
+    assert info.exit_code == 3, f"{info}\n{log}"
+    assert "RAY_PROBE_OK nodes=2" in log and "train exited with status 3" in log
+
+
+def test_missing_config_fails_fast_with_the_file_named(slurm_cluster, tmp_path):
+    info, log = run_job(slurm_cluster, "train.sbatch", tmp_path, env={"SAGE_CONFIG": "configs/no_such_run.yaml"},
+                        timeout=60)
+    assert info.state == "FAILED" and info.exit_code == 1, f"{info}\n{log}"
+    assert "configs/no_such_run.yaml not found" in log
+
+
+def test_ray_node_dying_during_training_fails_the_job(slurm_cluster, tmp_path):
+    job = submit(slurm_cluster, "train.sbatch", tmp_path,
+                 env={"SAGE_TRAIN_CMD": "python -c 'import time; time.sleep(300)'", "SAGE_WATCH_INTERVAL": "1"})
+    node2 = _netns_inode(slurm_cluster.netns("sgnode2"))
+    deadline = time.monotonic() + 120
+    while "train: python -c" not in (tmp_path.glob(f"*-{job}.out").__next__().read_text()
+                                     if list(tmp_path.glob(f"*-{job}.out")) else ""):
+        assert time.monotonic() < deadline, slurm_cluster.log_tail()
+        assert not slurm_cluster.job_info(job).finished, job_log(tmp_path, job)
+        time.sleep(0.5)
+    # "Node 2 dies": kill its raylet (inside sgnode2's namespace only).
+    raylets = [pid for pid, cmd in find_processes(netns_inodes={node2}, markers=[]) if "raylet/raylet" in cmd]
+    assert raylets, "no raylet found on sgnode2"
+    for pid in raylets:
+        os.kill(pid, 9)
+    t_kill = time.monotonic()
+    info = slurm_cluster.wait_job(job, timeout=90)
+    log = job_log(tmp_path, job)
+    assert info.state == "FAILED" and info.exit_code == 1, f"{info}\n{log}"
+    assert "Ray worker on sgnode2 exited" in log, log
+    assert "a Ray step died while 'train' was running" in log, log
+    assert time.monotonic() - t_kill < 60
+
+
+CONVERTER = REPO / "tools" / "convert" / "hf_to_megatron.py"
+
+
+@pytest.mark.skipif(not CONVERTER.exists(), reason=f"{CONVERTER.relative_to(REPO)} not written yet")
+def test_convert_job(slurm_cluster, tmp_path):
+    from sage_megatron.testing.tiny_models import make_tiny_hf_model
+
+    hf = make_tiny_hf_model("llama", tmp_path / "hf", seed=1)
+    out = tmp_path / "megatron"
+    info, log = run_job(slurm_cluster, "convert.sbatch", tmp_path, timeout=300,
+                        env={"SAGE_HF_DIR": str(hf), "SAGE_OUT_DIR": str(out), "SAGE_TP": "2", "SAGE_PP": "1"})
+    assert (info.state, info.exit_code) == ("COMPLETED", 0), f"{info}\n{log}"
+    assert out.is_dir() and any(out.rglob("*")), f"no files written under {out}\n{log}"
+
+
+def test_scaling_job_sweeps_one_and_two_nodes(slurm_cluster, tmp_path):
+    out = tmp_path / "scaling"
+    info, log = run_job(slurm_cluster, "scaling.sbatch", tmp_path, timeout=240,
+                        env={"SAGE_SCALING_OUT": str(out), "SAGE_SCALING_STEPS": "1"})
+    assert (info.state, info.exit_code) == ("COMPLETED", 0), f"{info}\n{log}"
+    import json
+
+    res = json.loads(out.with_suffix(".json").read_text())["results"]
+    assert [r["nodes"] for r in res] == [1, 2]
+    assert sorted(res[1]["hardware"]["hosts"]) == ["sgnode1", "sgnode2"]  # the 2-node run used both nodes
+    for r in res:
+        assert r["measured"]["time/step"] > 0 and r["predicted"]["time/step"] > 0
+    assert out.with_suffix(".png").stat().st_size > 10_000
+    assert "meas/pred" in log  # the table, with the prediction beside the measurement
