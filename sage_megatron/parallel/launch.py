@@ -6,6 +6,7 @@ caller is already one rank: ``launched_externally()`` tells, and nothing is spaw
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 import traceback
 from typing import Any, Callable
@@ -49,7 +50,9 @@ def _child(rank: int, world_size: int, port: int, threads: int, fn, args, kwargs
 
     torch.set_num_threads(threads)
     try:
-        queue.put((rank, "ok", fn(*args, **kwargs)))
+        # Plain pickle bytes: tensors would otherwise travel as shared-memory descriptors that can
+        # vanish when this rank exits before the parent has read them (ConnectionResetError).
+        queue.put((rank, "ok", pickle.dumps(fn(*args, **kwargs))))
     except BaseException:  # report every failure with its traceback to the parent
         queue.put((rank, "error", traceback.format_exc()))
         raise SystemExit(1)
@@ -123,7 +126,10 @@ def run_distributed(fn: Callable, *, world_size: int, args: tuple = (), kwargs: 
                         raise RuntimeError(f"rank(s) {dead} of {fn.__name__} died with exit codes "
                                            f"{[procs[r].exitcode for r in dead]} before reporting")
                 continue
-            (results if status == "ok" else errors)[rank] = payload
+            if status == "ok":
+                results[rank] = pickle.loads(payload)
+            else:
+                errors[rank] = payload
             if errors:
                 break
     finally:

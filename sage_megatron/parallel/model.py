@@ -195,6 +195,7 @@ def build_gpt_model(
     # language_module.setup_embeddings_and_output_layer moves the tied weight with .cuda() (pp > 1).
     with on_cpu_if_needed():
         model = _gpt_model(GPTModel, parallel_state, config, arch, layout, padded_vocab, use_te)
+    mark_tensor_parallel_params(model)
     model.to(dtype)
     if on_gpu:
         model.cuda(torch.cuda.current_device())
@@ -220,3 +221,38 @@ def _gpt_model(GPTModel, parallel_state, config, arch, layout, padded_vocab, use
 
 def arch_to_json(arch: ModelArch) -> dict:
     return asdict(arch)
+
+
+def mark_tensor_parallel_params(model) -> int:
+    """Set megatron's tensor_model_parallel / partition_dim attributes where the build left them unset.
+
+    megatron-core sets them only inside its weight initialisers, which ``build_gpt_model`` skips
+    (perform_initialization=False: weights come from a checkpoint). Without them
+    ``param_is_not_tensor_parallel_duplicate`` treats every shard as a TP replica and the optimizer's
+    grad norm (hence clipping) at tp > 1 counts TP rank 0's shards only. Column-parallel layers and
+    the vocab-parallel embedding split dim 0 (weight and bias), row-parallel layers dim 1 (weight
+    only; their bias is replicated). Returns the number of parameters marked.
+    """
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+
+    def mode_of(module) -> str | None:
+        if isinstance(module, (ColumnParallelLinear, VocabParallelEmbedding)):
+            return "column"
+        if isinstance(module, RowParallelLinear):
+            return "row"
+        return getattr(module, "parallel_mode", None)     # Transformer Engine linears: "column" / "row"
+
+    marked = 0
+    for module in model.modules():
+        mode = mode_of(module)
+        if mode not in ("column", "row"):
+            continue
+        for pname, param in module.named_parameters(recurse=False):
+            if hasattr(param, "tensor_model_parallel"):
+                continue
+            if pname == "weight" or (pname == "bias" and mode == "column"):
+                param.tensor_model_parallel = True
+                param.partition_dim = 0 if mode == "column" else 1
+                param.partition_stride = 1
+                marked += 1
+    return marked

@@ -28,7 +28,6 @@ result does not depend on micro-batch size or data-parallel size.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 from functools import partial
@@ -255,7 +254,7 @@ def vocab_parallel_logprobs(logits: torch.Tensor, targets: torch.Tensor, *, voca
         zmax = z.max(dim=-1).values                                                     # (B, S)
         if tp > 1:
             dist.all_reduce(zmax, op=dist.ReduceOp.MAX, group=ps.get_tensor_model_parallel_group())
-    shifted = z - zmax.unsqueeze(-1)                                                    # (B, S, Vl), <= 0, -inf on padding
+    shifted = z - zmax.unsqueeze(-1)                                  # (B, S, Vl), <= 0, -inf on padding
     exp_z = torch.exp(shifted)                                                          # (B, S, Vl), 0 on padding
     sum_exp = reduce_from_tensor_model_parallel_region(exp_z.sum(dim=-1).contiguous())  # S = sum_v e^z, (B, S)
     log_z = torch.log(sum_exp)
@@ -311,7 +310,6 @@ class MegatronActor:
         model = build_gpt_model(meta.arch, layout=lay, padded_vocab=meta.padded_vocab, dtype=self.dtype,
                                 use_te=config.use_te, fp8=config.fp8)
         load_dist_checkpoint(model, str(Path(config.ckpt_dir) / "dist"))
-        mark_tensor_parallel_params(model)
         self.optimizer = None
         if trainable:
             self.model, self.optimizer = _wrap_for_training(model, config, dtype=self.dtype)
@@ -324,7 +322,11 @@ class MegatronActor:
     # -- helpers shared by both passes --
 
     def _local_rows(self, batch: TrainBatch) -> tuple[TrainBatch, int, int]:
-        """(this DP rank's rows, micro-batch size, global padded B) after padding B to dp * mbs."""
+        """(this DP rank's rows, micro-batch size, global padded B) after padding B to dp * mbs.
+
+        Padding rows are token id 0 (always a valid id) with mask 0: they change no loss term and are
+        cut from returned log-probs.
+        """
         from megatron.core import parallel_state as ps
 
         dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
@@ -414,7 +416,8 @@ class MegatronActor:
 
         Collective. Returns, identical on every rank: loss, pg_loss, kl, entropy (token means over the
         batch, or the configured aggregation), clip_frac, clip_frac_lower, ppo_kl (token means),
-        grad_norm (before clipping), lr, tokens (response tokens in the batch), update_ok.
+        grad_norm (global, before clipping; nan when grad_clip = 0), lr, tokens (response tokens in the
+        batch), update_ok (1.0 unless fp16 loss scaling skipped the step).
         """
         from megatron.core import parallel_state as ps
 
@@ -455,7 +458,9 @@ class MegatronActor:
         tokens = max(out["tokens"], 1.0)
         for k in ("clip_frac", "clip_frac_lower", "ppo_kl"):   # token-weighted sums -> token means
             out[k] /= tokens
-        out.update(grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+        # megatron computes the norm only when clipping is on (it reports 0.0 otherwise): nan then.
+        norm_known = cfg.grad_clip > 0 and grad_norm is not None
+        out.update(grad_norm=float(grad_norm) if norm_known else float("nan"),
                    lr=float(self.optimizer.param_groups[0]["lr"]), update_ok=float(bool(update_ok)))
         return out
 
@@ -501,41 +506,6 @@ def build_reference(config: ActorConfig) -> MegatronActor | None:
 
 
 # ---- construction and collectives -------------------------------------------------------------------
-
-def mark_tensor_parallel_params(model) -> int:
-    """Set megatron's tensor_model_parallel / partition_dim attributes where the build left them unset.
-
-    megatron-core sets them only inside its weight initialisers, which ``build_gpt_model`` skips
-    (perform_initialization=False: weights come from a checkpoint). Without them
-    ``param_is_not_tensor_parallel_duplicate`` treats every shard as a TP replica and the optimizer's
-    grad norm (hence clipping) at tp > 1 counts TP rank 0's shards only. Column-parallel layers and
-    the vocab-parallel embedding split dim 0 (weight and bias), row-parallel layers dim 1 (weight
-    only; their bias is replicated). Returns the number of parameters marked.
-    """
-    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
-
-    def mode_of(module) -> str | None:
-        if isinstance(module, (ColumnParallelLinear, VocabParallelEmbedding)):
-            return "column"
-        if isinstance(module, RowParallelLinear):
-            return "row"
-        return getattr(module, "parallel_mode", None)     # Transformer Engine linears: "column" / "row"
-
-    marked = 0
-    for module in model.modules():
-        mode = mode_of(module)
-        if mode not in ("column", "row"):
-            continue
-        for pname, param in module.named_parameters(recurse=False):
-            if hasattr(param, "tensor_model_parallel"):
-                continue
-            if pname == "weight" or (pname == "bias" and mode == "column"):
-                param.tensor_model_parallel = True
-                param.partition_dim = 0 if mode == "column" else 1
-                param.partition_stride = 1
-                marked += 1
-    return marked
-
 
 def _wrap_for_training(model, config: ActorConfig, *, dtype: torch.dtype):
     """megatron DistributedDataParallel + get_megatron_optimizer (AdamW), wired into the model config."""
@@ -586,7 +556,3 @@ def _all_gather_dp(x: torch.Tensor) -> torch.Tensor:
     dist.all_gather(parts, x.contiguous(), group=ps.get_data_parallel_group())
     return torch.cat(parts, dim=0)
 
-
-def replace_batch(batch: TrainBatch, **changes) -> TrainBatch:
-    """dataclasses.replace for TrainBatch (e.g. old_logp=actor.compute_logprobs(batch))."""
-    return dataclasses.replace(batch, **changes)
