@@ -9,8 +9,12 @@ Per model, in one spawned Megatron world (``run_distributed``, the trainer's top
 * ``sync_seconds``: median wall time of ``sync_weights`` (TP all-gather + HF mapping + send to
   rank 0 + bucketing + object store + /dev/shm hand-off + in-place load and re-pack in the engine),
   after one warm-up sync; every sync bumps the weight version.
+* ``prefetch_sync_seconds``: the same with ``prefetch_bytes=bucket_bytes`` (the Megatron-side gather
+  overlaps the pool's loading in a thread); ``prefetch_speedup`` = sync / prefetch.
 * ``gather_seconds``: median time to drain ``iter_actor_hf_tensors`` alone (the Megatron side,
   no pool), measured in the same run.
+* ``rank0_extra_rss_gib_sync``: rank 0's peak extra anonymous RSS during a sync (sampled every 3 ms;
+  the object store's shared pages are not counted): the "never a full model copy" check.
 * ``memcpy_seconds``: the floor: median time for rank 0 to copy the same number of bytes once
   (256 MiB chunks, out of cache, rank 0's torch threads), in the same run.
 * ``max_abs_logprob_diff``: ``check_weight_sync`` after the last sync (vLLM prompt log-probs vs
@@ -97,6 +101,43 @@ def _rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+class _AnonRssPeak:
+    """Samples this process's anonymous RSS (RssAnon: private allocations, not the object store's
+    shared pages nor file mappings) every few ms; ``extra_gib`` = peak during the block - start."""
+
+    def __init__(self, interval_s: float = 0.003):
+        self.interval_s = interval_s
+
+    @staticmethod
+    def now_bytes() -> int:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+        return 0
+
+    def __enter__(self):
+        import threading
+
+        self.start = self.peak = self.now_bytes()
+        self._stop = threading.Event()
+
+        def sample():
+            while not self._stop.is_set():
+                self.peak = max(self.peak, self.now_bytes())
+                time.sleep(self.interval_s)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.now_bytes())
+        self.extra_gib = (self.peak - self.start) / 2**30
+
+
 def _memcpy_seconds(nbytes: int, *, chunk: int = 256 << 20) -> float:
     src = torch.empty(min(chunk, nbytes), dtype=torch.uint8).fill_(1)
     dst = torch.empty_like(src)
@@ -141,13 +182,17 @@ def _bench_world(hf_dir: str, ckpt_dir: str, layout: ParallelLayout, engine_dtyp
         start_s = time.perf_counter() - t0
     dist.barrier()
     try:
-        out = {"sync": [], "gather": [], "memcpy": []}
+        out = {"sync": [], "prefetch": [], "gather": [], "memcpy": [], "extra_rss_sync": [], "extra_rss_prefetch": []}
         first = sync_weights(model, arch=meta.arch, pool=pool, bucket_bytes=bucket_bytes)   # warm-up
         nbytes = first["bytes"]
         last = first
-        for _ in range(repeats):
-            last = sync_weights(model, arch=meta.arch, pool=pool, bucket_bytes=bucket_bytes)
-            out["sync"].append(last["seconds"])
+        for _ in range(repeats):   # interleaved: default (serial), prefetch, gather only, memcpy
+            for key, prefetch in (("sync", 0), ("prefetch", bucket_bytes)):
+                with _AnonRssPeak() as rss:
+                    last = sync_weights(model, arch=meta.arch, pool=pool, bucket_bytes=bucket_bytes,
+                                        prefetch_bytes=prefetch)
+                out[key].append(last["seconds"])
+                out[f"extra_rss_{key}"].append(rss.extra_gib)
             t0 = time.perf_counter()
             for _name, _t in iter_actor_hf_tensors(model, arch=meta.arch):
                 pass
@@ -160,7 +205,9 @@ def _bench_world(hf_dir: str, ckpt_dir: str, layout: ParallelLayout, engine_dtyp
             return None
         return {"engine_start_seconds": start_s, "bytes": nbytes, "tensors": last["tensors"],
                 "buckets": last["buckets"], "transport": last["transport"], "version": last["version"],
-                "sync_seconds_all": out["sync"], "gather_seconds_all": out["gather"],
+                "sync_seconds_all": out["sync"], "prefetch_seconds_all": out["prefetch"], "gather_seconds_all": out["gather"],
+                "rank0_extra_rss_gib_sync": max(out["extra_rss_sync"]),
+                "rank0_extra_rss_gib_prefetch": max(out["extra_rss_prefetch"]),
                 "memcpy_seconds_all": out["memcpy"], "check": check, "rank0_peak_rss_gib": _rss_gib(),
                 "rank0_threads": torch.get_num_threads()}
     finally:
@@ -179,30 +226,35 @@ def bench_model(name: str, cache: Path, *, repeats: int, bucket_bytes: int, tp: 
     (r,) = [x for x in run_distributed(_bench_world, world_size=layout.world_size, timeout_s=3600,
                                        args=(str(hf_dir), str(ckpt), layout, spec["engine_dtype"], repeats,
                                              bucket_bytes)) if x is not None]
-    med = {k: statistics.median(r[f"{k}_seconds_all"]) for k in ("sync", "gather", "memcpy")}
+    med = {k: statistics.median(r[f"{k}_seconds_all"]) for k in ("sync", "prefetch", "gather", "memcpy")}
     return {
         "model": name, "hf_dir": str(hf_dir), "tp": layout.tp, "pp": layout.pp, "engines": 1,
         "dtype": meta.dtype, "engine_dtype": spec["engine_dtype"], "bucket_bytes": bucket_bytes,
         "bytes": r["bytes"], "tensors": r["tensors"], "buckets": r["buckets"], "transport": r["transport"],
-        "sync_seconds": med["sync"], "gather_seconds": med["gather"], "memcpy_seconds": med["memcpy"],
+        "sync_seconds": med["sync"], "prefetch_sync_seconds": med["prefetch"], "gather_seconds": med["gather"],
+        "memcpy_seconds": med["memcpy"], "prefetch_speedup": med["sync"] / med["prefetch"],
         "sync_gb_per_s": r["bytes"] / med["sync"] / 1e9, "memcpy_gb_per_s": r["bytes"] / med["memcpy"] / 1e9,
         "sync_over_memcpy": med["sync"] / med["memcpy"],
         "max_abs_logprob_diff": r["check"]["max_abs_logprob_diff"],
         "mean_abs_logprob_diff": r["check"]["mean_abs_logprob_diff"],
-        **{k: r[k] for k in ("sync_seconds_all", "gather_seconds_all", "memcpy_seconds_all", "engine_start_seconds",
+        **{k: r[k] for k in ("sync_seconds_all", "prefetch_seconds_all", "gather_seconds_all", "memcpy_seconds_all",
+                             "engine_start_seconds", "rank0_extra_rss_gib_sync", "rank0_extra_rss_gib_prefetch",
                              "rank0_peak_rss_gib", "rank0_threads", "version")},
     }
 
 
 def print_table(rows: list[dict]) -> None:
-    head = (f"{'model':<9} {'tp':>2} {'dtype':>8} {'GB':>6} {'tensors':>7} {'sync s':>7} {'gather s':>8} "
-            f"{'memcpy s':>8} {'sync GB/s':>9} {'x memcpy':>8} {'max|dlogp|':>10}")
+    head = (f"{'model':<9} {'tp':>2} {'dtype':>8} {'GB':>6} {'tensors':>7} {'sync s':>7} {'prefet s':>8} "
+            f"{'gather s':>8} {'memcpy s':>8} {'sync GB/s':>9} {'x memcpy':>8} {'+RSS GiB':>8} {'max|dlogp|':>10}")
     print(head)
     print("-" * len(head))
     for r in rows:
         print(f"{r['model']:<9} {r['tp']:>2} {r['engine_dtype']:>8} {r['bytes'] / 1e9:>6.3f} {r['tensors']:>7} "
-              f"{r['sync_seconds']:>7.2f} {r['gather_seconds']:>8.2f} {r['memcpy_seconds']:>8.3f} "
-              f"{r['sync_gb_per_s']:>9.3f} {r['sync_over_memcpy']:>8.0f} {r['max_abs_logprob_diff']:>10.2e}")
+              f"{r['sync_seconds']:>7.2f} {r['prefetch_sync_seconds']:>8.2f} {r['gather_seconds']:>8.2f} "
+              f"{r['memcpy_seconds']:>8.3f} {r['sync_gb_per_s']:>9.3f} {r['sync_over_memcpy']:>8.1f} "
+              f"{r['rank0_extra_rss_gib_sync']:>8.2f} {r['max_abs_logprob_diff']:>10.2e}")
+    print("sync: sync_weights (default, serial); prefet: prefetch_bytes=bucket; gather: the Megatron side alone; "
+          "+RSS: rank 0's peak extra anonymous memory during a default sync; medians, interleaved in one run")
 
 
 def main() -> int:
