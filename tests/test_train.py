@@ -63,3 +63,24 @@ def test_two_sage_steps_tp2_with_engines_and_weight_sync(tmp_path, tiny_hf_facto
     assert [r["weight_version"] for r in recs] == [1, 2]          # one sync per step
     assert (run / "checkpoints" / "step_000002" / "state.json").is_file()
     assert list((run / "tb").iterdir())
+
+
+@pytest.mark.vllm
+@pytest.mark.multiproc
+def test_one_sage_step_pp2_original_loss_context(tmp_path, tiny_hf_factory):
+    """One SAGE step at pp=2 (2 pipeline stages, weight sync gathers both) with the Guide-GRPO loss
+    context: hinted responses are trained after the original prompt with the importance ratio."""
+    from sage_megatron.cli import main
+
+    run = tmp_path / "run"
+    rc = main(["train", "--config", "configs/toy.yaml", f"model.hf_dir={tiny_hf_factory('llama')}",
+               f"model.cache_dir={tmp_path / 'cache'}", "parallel.pp=2", "algorithm.name=sage",
+               "algorithm.hint_source=reference_prefix", "algorithm.loss_context=original",
+               "rollout.max_tokens=12", "rollout.group_size=4", "data.batch_size=4", "eval.data=",
+               "run.steps=1", f"run.dir={run}", "run.checkpoint_every=0"])
+    assert rc == 0
+    [rec] = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rec["hint/triggered"] >= 1 and rec["groups/hinted_share"] > 0
+    assert rec["train/tokens"] > 0 and rec["train/update_ok"] == 1.0 and rec["weight_version"] == 1
+    # on hinted groups pi(y | x) != pi_old(y | x, hint): the mean importance weight moves off 1
+    assert abs(rec["train/ratio_mean"] - 1.0) > 1e-3

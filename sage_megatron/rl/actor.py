@@ -7,7 +7,7 @@ on every rank with the same ``TrainBatch``:
     actor = MegatronActor(cfg)                                  # policy: DDP + megatron AdamW
     ref = build_reference(cfg)                                  # None unless cfg.kl_coef != 0
     batch = batch_from_groups(groups, advantages_by_uid, pad_id=tok.pad_token_id, max_len=4096)
-    batch = replace(batch, old_logp=actor.compute_logprobs(batch),
+    batch = replace(batch, old_logp=actor.old_logprobs(batch),
                     ref_logp=ref.compute_logprobs(batch) if ref else None)
     metrics = actor.train_step(batch)                           # one optimizer step
 
@@ -29,7 +29,7 @@ result does not depend on micro-batch size or data-parallel size.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
@@ -111,6 +111,9 @@ class TrainBatch:
     old_logp: torch.Tensor
     ref_logp: torch.Tensor | None = None
     uids: list[str] = field(default_factory=list)   # group uid of each row (bookkeeping only)
+    behavior: "TrainBatch | None" = None
+    """Loss context "original" only: the same responses after the prompts they were SAMPLED under (the
+    hinted ones), row for row; the old (behaviour) log-probs are computed on it (``old_logprobs``)."""
 
     @property
     def num_tokens(self) -> int:
@@ -137,7 +140,7 @@ class TrainBatch:
 
 
 def batch_from_groups(groups: Sequence[PromptGroup], advantages_by_uid: Mapping[str, Sequence[float]], *,
-                      pad_id: int, max_len: int) -> TrainBatch:
+                      pad_id: int, max_len: int, loss_context: str = "hinted") -> TrainBatch:
     """Right-padded TrainBatch of every sample of ``groups`` (group order, then sample order).
 
     Row i is ``sample.prompt_ids + sample.response_ids`` (each Sample's OWN prompt, which is the
@@ -145,7 +148,23 @@ def batch_from_groups(groups: Sequence[PromptGroup], advantages_by_uid: Mapping[
     ``sample.logprobs`` (the rollout engine's sampling log-probs) at the response columns; a trainer
     that recomputes them replaces the field. ``advantages_by_uid[g.uid][j]`` is sample j's advantage.
     A row longer than ``max_len`` raises (nothing is truncated silently).
+
+    ``loss_context="original"`` (Guide-GRPO, sage.md): groups that carry ``unhinted_prompt_ids`` put
+    their responses after that ORIGINAL prompt instead, and the batch keeps the sampled rows as
+    ``behavior`` so the importance ratio pi_theta(y | x) / pi_old(y | x, hint) can be formed
+    (``MegatronActor.old_logprobs``; the loss is then ``rl.losses.is_corrected_policy_loss``).
     """
+    if loss_context not in ("hinted", "original"):
+        raise ActorError(f"loss_context must be 'hinted' or 'original', got {loss_context!r}")
+    sampled = _rows_from_groups(groups, advantages_by_uid, pad_id=pad_id, max_len=max_len)
+    if loss_context == "hinted" or not any(g.unhinted_prompt_ids for g in groups):
+        return sampled
+    trained_on = _rows_from_groups(groups, advantages_by_uid, pad_id=pad_id, max_len=max_len, original_context=True)
+    return replace(trained_on, behavior=sampled)
+
+
+def _rows_from_groups(groups: Sequence[PromptGroup], advantages_by_uid: Mapping[str, Sequence[float]], *,
+                      pad_id: int, max_len: int, original_context: bool = False) -> TrainBatch:
     rows, masks, olds, advs, uids = [], [], [], [], []
     for g in groups:
         if g.uid not in advantages_by_uid:
@@ -154,7 +173,8 @@ def batch_from_groups(groups: Sequence[PromptGroup], advantages_by_uid: Mapping[
         if len(adv) != len(g.samples):
             raise ActorError(f"group {g.uid!r}: {len(adv)} advantages for {len(g.samples)} samples")
         for j, s in enumerate(g.samples):
-            p, r = list(s.prompt_ids), list(s.response_ids)
+            p = list(g.unhinted_prompt_ids if original_context and g.unhinted_prompt_ids else s.prompt_ids)
+            r = list(s.response_ids)
             if not p:
                 raise ActorError(f"group {g.uid!r} sample {j}: empty prompt (need >= 1 prompt token)")
             if len(p) + len(r) > max_len:
@@ -209,6 +229,22 @@ def row_slice(batch: TrainBatch, start: int, stop: int) -> TrainBatch:
     return TrainBatch(tokens=cut(batch.tokens), response_mask=cut(batch.response_mask),
                       advantages=cut(batch.advantages), old_logp=cut(batch.old_logp),
                       ref_logp=cut(batch.ref_logp), uids=batch.uids[start:stop])
+
+
+def move_response_values(values: torch.Tensor, src_mask: torch.Tensor, dst_mask: torch.Tensor) -> torch.Tensor:
+    """Per-row response values moved from the columns ``src_mask`` marks to those ``dst_mask`` marks.
+
+    The same responses after prompts of different lengths (hinted vs original context): row i has
+    the same number of response tokens in both masks, so the k-th marked value of a row goes to the
+    k-th marked column of the same row. Everything else is 0.
+    """
+    src, dst = src_mask.bool(), dst_mask.bool()
+    if src.shape[0] != dst.shape[0] or not torch.equal(src.sum(dim=1), dst.sum(dim=1)):
+        raise ActorError("move_response_values: the two masks must mark the same number of tokens in every row "
+                         f"(got per-row counts {src.sum(dim=1).tolist()} and {dst.sum(dim=1).tolist()})")
+    out = torch.zeros(dst.shape, dtype=values.dtype)
+    out[dst] = values[src]          # boolean indexing is row-major: row by row, left to right
+    return out
 
 
 # ---- vocab-parallel log-softmax ---------------------------------------------------------------------
@@ -278,7 +314,7 @@ def vocab_parallel_logprobs(logits: torch.Tensor, targets: torch.Tensor, *, voca
 # ---- the actor --------------------------------------------------------------------------------------
 
 # Metrics summed over micro-batches and DP ranks (each already normalised by the global batch).
-_SUM_KEYS = ("loss", "pg_loss", "kl", "entropy", "clip_frac", "clip_frac_lower", "ppo_kl", "tokens")
+_SUM_KEYS = ("loss", "pg_loss", "kl", "entropy", "clip_frac", "clip_frac_lower", "ppo_kl", "ratio_mean", "tokens")
 
 
 class MegatronActor:
@@ -411,11 +447,22 @@ class MegatronActor:
         local_logp = _broadcast_from_last_stage(local_logp)
         return _all_gather_dp(local_logp)[:b]
 
+    def old_logprobs(self, batch: TrainBatch) -> torch.Tensor:
+        """pi_old log-probs of the batch's response tokens, at its response columns (0 elsewhere), computed
+        under the context the responses were sampled in: ``batch.behavior`` when set (loss context
+        "original"), else the batch itself. Collective, like ``compute_logprobs``."""
+        sampled = batch.behavior if batch.behavior is not None else batch
+        logp = self.compute_logprobs(sampled) * sampled.response_mask
+        if batch.behavior is None:
+            return logp
+        return move_response_values(logp, sampled.response_mask, batch.response_mask)
+
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
         """One optimizer step on the whole batch (split over DP ranks and micro-batches).
 
         Collective. Returns, identical on every rank: loss, pg_loss, kl, entropy (token means over the
-        batch, or the configured aggregation), clip_frac, clip_frac_lower, ppo_kl (token means),
+        batch, or the configured aggregation), clip_frac, clip_frac_lower, ppo_kl, ratio_mean (token means;
+        ratio_mean is the mean importance weight pi_theta / pi_old),
         grad_norm (global, before clipping; nan when grad_clip = 0), lr, tokens (response tokens in the
         batch), update_ok (1.0 unless fp16 loss scaling skipped the step).
         """
@@ -456,7 +503,7 @@ class MegatronActor:
         sums = _broadcast_from_last_stage(sums)
         out = dict(zip(_SUM_KEYS, sums.tolist()))
         tokens = max(out["tokens"], 1.0)
-        for k in ("clip_frac", "clip_frac_lower", "ppo_kl"):   # token-weighted sums -> token means
+        for k in ("clip_frac", "clip_frac_lower", "ppo_kl", "ratio_mean"):   # token-weighted sums -> token means
             out[k] /= tokens
         # megatron computes the norm only when clipping is on (it reports 0.0 otherwise): nan then.
         norm_known = cfg.grad_clip > 0 and grad_norm is not None
@@ -488,7 +535,7 @@ class MegatronActor:
         metrics = {"loss": loss.detach().clone(), "pg_loss": pg.loss.detach(), "kl": kl.detach(),
                    "entropy": entropy.detach(), "clip_frac": pg.clip_frac * mb_tokens,
                    "clip_frac_lower": pg.clip_frac_lower * mb_tokens, "ppo_kl": pg.ppo_kl * mb_tokens,
-                   "tokens": mb_tokens.detach()}
+                   "ratio_mean": pg.ratio_mean * mb_tokens, "tokens": mb_tokens.detach()}
         return loss * grad_scale, metrics
 
     def global_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:

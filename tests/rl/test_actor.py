@@ -22,7 +22,8 @@ import pytest
 import torch
 
 from sage_megatron.parallel.layout import ParallelLayout
-from sage_megatron.rl.actor import TrainBatch, align_to_tokens, batch_from_groups, next_token_targets, pad_rows
+from sage_megatron.rl.actor import (TrainBatch, align_to_tokens, batch_from_groups, move_response_values,
+                                    next_token_targets, pad_rows)
 from sage_megatron.types import PromptGroup, Sample
 
 LAYOUTS = [(1, 1, 1), (2, 1, 1), (1, 2, 1), (1, 1, 2)]
@@ -83,6 +84,37 @@ def test_batch_from_groups_errors():
         bad.validate()
 
 
+def with_original_context(groups: list[PromptGroup]) -> list[PromptGroup]:
+    """Group g1 as a hinted group (its 9-token prompt = hinted) whose original prompt is 4 other tokens."""
+    return [groups[0], dataclasses.replace(groups[1], hint_level=2, unhinted_prompt_ids=(7, 8, 9, 10))]
+
+
+def test_batch_from_groups_original_loss_context():
+    groups, adv = make_groups(vocab_size=50)
+    hinted = batch_from_groups(groups, adv, pad_id=PAD_ID, max_len=64)
+    assert hinted.behavior is None
+    assert batch_from_groups(groups, adv, pad_id=PAD_ID, max_len=64, loss_context="original").behavior is None
+    b = batch_from_groups(with_original_context(groups), adv, pad_id=PAD_ID, max_len=64, loss_context="original")
+    assert torch.equal(b.behavior.tokens, hinted.tokens)            # sampled rows kept for pi_old
+    s = groups[1].samples[1]                                        # original prompt 4 + response 8
+    assert b.tokens[4].tolist() == [7, 8, 9, 10] + s.response_ids + [PAD_ID] * 3
+    assert b.tokens.shape == (6, 5 + 10)                            # now g0's row (5 + 10) is the longest
+    assert b.response_mask[4].tolist() == [0.0] * 4 + [1.0] * 8 + [0.0] * 3
+    assert b.tokens[2].tolist() == list(groups[0].samples[2].prompt_ids) + groups[0].samples[2].response_ids
+    assert b.old_logp[4, 4:12].tolist() == [-1.0] * 8 and b.advantages.tolist() == hinted.advantages.tolist()
+    with pytest.raises(ValueError, match="loss_context must be"):
+        batch_from_groups(groups, adv, pad_id=PAD_ID, max_len=64, loss_context="unhinted")
+
+
+def test_move_response_values():
+    src = torch.tensor([[0, 0, 1, 1, 0], [0, 1, 1, 1, 0]])
+    dst = torch.tensor([[0, 1, 1, 0, 0], [0, 0, 1, 1, 1]])
+    vals = torch.tensor([[9.0, 9.0, 1.0, 2.0, 9.0], [9.0, 3.0, 4.0, 5.0, 9.0]])
+    assert move_response_values(vals, src, dst).tolist() == [[0, 1, 2, 0, 0], [0, 0, 3, 4, 5]]
+    with pytest.raises(ValueError, match="same number of tokens in every row"):
+        move_response_values(vals, src, torch.tensor([[0, 1, 0, 0, 0], [0, 0, 1, 1, 1]]))
+
+
 def test_alignment_helpers_and_row_padding():
     tokens = torch.tensor([[3, 4, 5, 6]])
     assert next_token_targets(tokens).tolist() == [[4, 5, 6, 6]]
@@ -116,7 +148,7 @@ def _world(*args) -> bytes:
 
 
 def _rank_results(llama_ckpt: str, qwen_ckpt: str, layout: ParallelLayout, batch: TrainBatch,
-                  qwen_tokens: torch.Tensor, old_logp_step2: torch.Tensor) -> dict:
+                  qwen_tokens: torch.Tensor, old_logp_step2: torch.Tensor, original: TrainBatch) -> dict:
     """One rank of a layout: log-probs, two PPO steps (KL + entropy), log-probs and weights after."""
     from megatron.core import parallel_state as ps
 
@@ -129,6 +161,7 @@ def _rank_results(llama_ckpt: str, qwen_ckpt: str, layout: ParallelLayout, batch
     out: dict = {"qwen_logp": MegatronActor(dataclasses.replace(cfg, ckpt_dir=qwen_ckpt), trainable=False)
                  .compute_logprobs(qwen_tokens)}
     out["logp0"] = actor.compute_logprobs(batch)
+    out["original_old"] = actor.old_logprobs(original)            # loss context "original", initial weights
     ref_logp = ref.compute_logprobs(batch)
     out["step1"] = actor.train_step(dataclasses.replace(batch, old_logp=out["logp0"], ref_logp=ref_logp))
     out["logp1"] = actor.compute_logprobs(batch)
@@ -141,6 +174,8 @@ def _rank_results(llama_ckpt: str, qwen_ckpt: str, layout: ParallelLayout, batch
         # micro-batch invariance in-process: the whole batch as ONE micro-batch from the same start
         one = MegatronActor(dataclasses.replace(cfg, micro_batch_size=len(batch.tokens)))
         out["one_mb_step1"] = one.train_step(dataclasses.replace(batch, old_logp=out["logp0"], ref_logp=ref_logp))
+        fresh = MegatronActor(dataclasses.replace(cfg, kl_coef=0.0, entropy_coef=0.0))
+        out["original_step1"] = fresh.train_step(dataclasses.replace(original, old_logp=out["original_old"]))
     return out
 
 
@@ -177,6 +212,7 @@ def runs(tiny_hf_factory, tmp_path_factory):
     vocab = read_meta(root / "llama").arch.vocab_size
     groups, adv = make_groups(vocab_size=vocab)
     batch = batch_from_groups(groups, adv, pad_id=PAD_ID, max_len=64)
+    original = batch_from_groups(with_original_context(groups), adv, pad_id=PAD_ID, max_len=64, loss_context="original")
     qwen_tokens = torch.randint(0, vocab, (3, 20), generator=torch.Generator().manual_seed(1))
     hf_llama, hf_llama_unmasked, hf_entropy = _hf_logprobs(llama_hf, batch.tokens)
     hf_qwen, _, _ = _hf_logprobs(qwen_hf, qwen_tokens)
@@ -187,10 +223,13 @@ def runs(tiny_hf_factory, tmp_path_factory):
     for tp, pp, dp in LAYOUTS:
         layout = ParallelLayout(tp, pp, dp)
         blobs = run_distributed(_world, world_size=layout.world_size,
-                                args=(str(root / "llama"), str(root / "qwen2"), layout, batch, qwen_tokens, old2))
+                                args=(str(root / "llama"), str(root / "qwen2"), layout, batch, qwen_tokens, old2,
+                                      original))
         results[(tp, pp, dp)] = [torch.load(io.BytesIO(b), weights_only=False) for b in blobs]
     mask = batch.response_mask
+    hf_original, _, _ = _hf_logprobs(llama_hf, original.tokens)
     return dict(results=results, groups=groups, adv=adv, batch=batch, hf_llama=hf_llama, old2=old2,
+                original=original, hf_original=hf_original,
                 hf_llama_unmasked=hf_llama_unmasked, hf_qwen=hf_qwen,
                 hf_entropy_token_mean=((hf_entropy * mask).sum() / mask.sum()).item())
 
@@ -268,3 +307,26 @@ def test_d_first_step_loss_is_minus_token_mean_advantage(runs):
         assert m["clip_frac"] == 0.0 and m["tokens"] == sum(lengths)
         assert m["loss"] == pytest.approx(m["pg_loss"] - TRAIN["entropy_coef"] * m["entropy"]
                                           + TRAIN["kl_coef"] * m["kl"], abs=1e-6)
+
+
+@pytest.mark.multiproc
+def test_original_loss_context_importance_ratio_against_hf(runs):
+    """Loss context "original": pi_old on the HINTED rows, moved to the original rows' columns; the first
+    step's ratio is pi(y | x) / pi_old(y | x, hint) and its loss the clipped surrogate of that ratio,
+    all recomputed here from HF transformers' log-probs on both contexts."""
+    r = runs["results"][(1, 1, 1)][0]
+    original, behavior = runs["original"], runs["original"].behavior
+    mask, bmask = original.response_mask, behavior.response_mask
+    hf_old = move_response_values(runs["hf_llama"] * bmask, bmask, mask)      # HF on the sampled (hinted) rows
+    assert (r["original_old"] - hf_old).abs().max().item() <= 1e-4
+    assert not torch.allclose(hf_old[3:], (runs["hf_original"] * mask)[3:], atol=1e-2)  # contexts differ
+    ratio = torch.exp(runs["hf_original"] - hf_old) * mask
+    m = mask.bool()
+    assert ratio[:3][m[:3]].sub(1).abs().max().item() <= 1e-4                 # unhinted group g0: ratio 1
+    step = r["original_step1"]
+    assert step["ratio_mean"] == pytest.approx(ratio[m].mean().item(), rel=1e-4)
+    low, high, c = TRAIN_CLIP
+    adv = original.advantages[:, None].expand_as(ratio)
+    per_token = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - low, 1 + high))
+    per_token = torch.where(adv < 0, torch.minimum(per_token, -adv * c), per_token)
+    assert step["pg_loss"] == pytest.approx(per_token[m].mean().item(), abs=1e-5)
