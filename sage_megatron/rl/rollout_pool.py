@@ -6,9 +6,15 @@
     lps = pool.prompt_logprobs([ids, ...])                                         # --check-weight-sync
     pool.shutdown()
 
-Ray: started locally (``ray.init(num_cpus=...)``) when ``ray_address`` is None, joined otherwise
-(the Slurm scripts' case). Engines live in one placement group: a CPU bundle per engine, or
-``tensor_parallel_size`` GPU bundles per engine.
+Ray: joined when ``ray_address`` is set, or when it is None and ``$RAY_ADDRESS`` is (the Slurm
+scripts export it); otherwise (or with ``ray_address="local"``) started locally
+(``ray.init(num_cpus=...)``). Engines live in one placement group: a CPU bundle per engine, or
+``tensor_parallel_size`` GPU bundles per engine. ``placement`` says where (``plan_placement``):
+"pack" lets Ray's PACK strategy choose; "spread" pins engine k to the k-th alive node (head node
+first, then by IP; round-robin when there are more engines than nodes), all bundles of one engine
+on the same node; "auto" (default) is spread on a multi-node cluster, pack on one node. At start
+the pool prints the cluster's nodes and, as each engine becomes ready, the node it runs on
+(``[rollout] ...`` lines on stderr, also with ``verbose=False``; ``show_placement=False`` mutes them).
 
 Generation: requests are spread over the engines by count, every request asks vLLM for its n
 samples at once, and results come back keyed by ``uid`` (never by position). Sampling seeds are
@@ -40,7 +46,7 @@ import os
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -80,7 +86,14 @@ class RolloutPoolConfig:
     num_engines: int = 2
     """K engines; each is one vLLM instance (data parallel across engines)."""
     ray_address: str | None = None
-    """Join this Ray cluster ("auto", "ip:port"); None starts a local Ray with ``ray_num_cpus``."""
+    """Join this Ray cluster ("auto", "ip:port"); None: join ``$RAY_ADDRESS`` when it is set, else
+    start a local Ray with ``ray_num_cpus``; "local": always start a local Ray."""
+    placement: str = "auto"
+    """Where the engines go: "pack" (Ray's PACK strategy), "spread" (engine k pinned to the k-th
+    alive node, head first, round-robin), "auto" (spread when the cluster has more than one alive
+    node, else pack). See ``plan_placement``."""
+    show_placement: bool = True
+    """Print the Ray cluster's nodes and each engine's node ("[rollout] ..." lines), even when not verbose."""
     ray_num_cpus: int | None = None
     """CPUs of the local Ray (None: num_engines * cpus_per_engine)."""
     ray_log_to_driver: bool = False
@@ -167,14 +180,19 @@ class RolloutPool:
         self._tokenizer = None
         self._t0 = time.monotonic()
         self._pg = None
+        self._placement: PlacementPlan | None = None
         self.slots: list[_EngineSlot] = []
 
+        if config.placement not in PLACEMENTS:
+            raise ValueError(f"placement must be one of {PLACEMENTS}, got {config.placement!r}")
+        self._address = ray_address_to_join(config.ray_address, os.environ)
         if not ray.is_initialized():
-            if config.ray_address:
-                ray.init(address=config.ray_address, log_to_driver=config.ray_log_to_driver)
+            if self._address:
+                ray.init(address=self._address, log_to_driver=config.ray_log_to_driver)
             else:
                 num_cpus = config.ray_num_cpus or max(1, int(config.num_engines * config.cpus_per_engine))
-                ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=config.ray_log_to_driver)
+                ray.init(address="local" if os.environ.get("RAY_ADDRESS") else None, num_cpus=num_cpus,
+                         include_dashboard=False, log_to_driver=config.ray_log_to_driver)
                 self._owns_ray = True
         try:
             self.device = self._detect_device()
@@ -491,7 +509,7 @@ class RolloutPool:
 
     def _plan_cpu_binding(self) -> list[str | None]:
         cfg = self.config
-        if self.device != "cpu" or cfg.engine.cpu_threads_bind or not cfg.split_cpu_cores or cfg.ray_address:
+        if self.device != "cpu" or cfg.engine.cpu_threads_bind or not cfg.split_cpu_cores or self._address:
             return [cfg.engine.cpu_threads_bind] * cfg.num_engines
         return cpu_bind_plan(sorted(os.sched_getaffinity(0)), num_engines=cfg.num_engines,
                              tensor_parallel_size=cfg.engine.tensor_parallel_size)
@@ -502,16 +520,26 @@ class RolloutPool:
 
         cfg = self.config
         if self.device == "cuda":
-            n = cfg.num_engines * cfg.engine.tensor_parallel_size
-            bundles = [{"GPU": 1, "CPU": cfg.cpus_per_engine} for _ in range(n)]
+            per_engine, bundle = cfg.engine.tensor_parallel_size, {"GPU": 1, "CPU": cfg.cpus_per_engine}
         else:
-            bundles = [{"CPU": cfg.cpus_per_engine} for _ in range(cfg.num_engines)]
-        pg = placement_group(bundles, strategy="PACK")
+            per_engine, bundle = 1, {"CPU": cfg.cpus_per_engine}
+        nodes = alive_nodes(ray.nodes())
+        plan = plan_placement(cfg.placement, num_engines=cfg.num_engines, bundles_per_engine=per_engine,
+                              bundle=bundle, nodes=nodes)
+        self._placement = plan
+        if cfg.show_placement:
+            for line in cluster_lines(ray.nodes()):
+                _announce(line)
+            _announce(f"placement {plan.placement} (asked: {cfg.placement}): {cfg.num_engines} engine(s), "
+                      f"Ray strategy {plan.strategy}"
+                      + (f", engine k on node {', '.join(n['ip'] for n in plan.nodes)} round-robin"
+                         if plan.nodes else ""))
+        pg = placement_group(plan.bundles, strategy=plan.strategy)
         try:
             ray.get(pg.ready(), timeout=cfg.start_timeout_s)
         except Exception as exc:
             ray.util.remove_placement_group(pg)
-            raise RuntimeError(f"cannot place {len(bundles)} bundle(s) of {bundles[0]} "
+            raise RuntimeError(f"cannot place {len(plan.bundles)} bundle(s) {plan.bundles} with {plan.strategy} "
                                f"(cluster resources: {ray.cluster_resources()}): {_short(exc)}") from exc
         return pg
 
@@ -575,6 +603,11 @@ class RolloutPool:
         slot.state, slot.start_ref = "ready", None
         self._say(f"engine {slot.index} ready in {time.monotonic() - slot.started_at:.1f} s "
                   f"(vLLM start {slot.info['seconds']:.1f} s, worker pid(s) {slot.info['worker_pids']})")
+        if self.config.show_placement:
+            node = next((n for n in alive_nodes(ray.nodes()) if n["node_id"] == slot.info.get("node_id")), None)
+            where = f"{node['hostname']} ({node['ip']})" if node else f"node {slot.info.get('node_id')}"
+            _announce(f"engine {slot.index} on {where}, actor pid {slot.info.get('actor_pid')}, "
+                      f"ready in {time.monotonic() - slot.started_at:.1f} s")
 
     def _fail(self, slot: _EngineSlot, cause: str, restarts: Counter) -> None:
         """Kill a failed engine and launch its replacement, within the per-call restart budget."""
@@ -725,6 +758,103 @@ class RolloutPool:
 
 
 # ====================================================================== module helpers
+PLACEMENTS = ("auto", "pack", "spread")
+
+
+@dataclass(frozen=True)
+class PlacementPlan:
+    """The placement group to ask Ray for, and which node each engine is pinned to (if any)."""
+
+    placement: str                  # resolved: "pack" | "spread"
+    strategy: str                   # Ray placement-group strategy
+    bundles: list[dict[str, float]]
+    engine_nodes: list[dict | None]  # per engine: the node it is pinned to (None = Ray chooses)
+
+    @property
+    def nodes(self) -> list[dict]:
+        """The distinct nodes engines are pinned to, in engine order."""
+        out: list[dict] = []
+        for n in self.engine_nodes:
+            if n is not None and n not in out:
+                out.append(n)
+        return out
+
+
+def ray_address_to_join(configured: str | None, environ: Mapping[str, str]) -> str | None:
+    """The Ray cluster the pool joins: ``configured``; None -> ``$RAY_ADDRESS`` (None when unset:
+    start a local Ray); "local" -> None (start a local Ray even when ``$RAY_ADDRESS`` is set)."""
+    if configured == "local":
+        return None
+    return configured or environ.get("RAY_ADDRESS") or None
+
+
+def alive_nodes(ray_nodes: Sequence[dict]) -> list[dict]:
+    """``ray.nodes()`` -> the alive nodes as ``{node_id, ip, hostname, head, cpus, gpus}``, head node
+    first, then by IP (the order "spread" assigns engines in)."""
+    out = []
+    for n in ray_nodes:
+        if not n.get("Alive"):
+            continue
+        res = n.get("Resources", {}) or {}
+        out.append({"node_id": n.get("NodeID"), "ip": n.get("NodeManagerAddress"),
+                    "hostname": n.get("NodeManagerHostname") or n.get("NodeManagerAddress"),
+                    "head": "node:__internal_head__" in res, "cpus": res.get("CPU", 0.0),
+                    "gpus": res.get("GPU", 0.0)})
+    return sorted(out, key=lambda n: (not n["head"], _ip_key(n["ip"]), n["node_id"] or ""))
+
+
+def _ip_key(ip: str | None) -> tuple:
+    try:
+        return tuple(int(x) for x in (ip or "").split("."))
+    except ValueError:
+        return (ip or "",)
+
+
+def plan_placement(placement: str, *, num_engines: int, bundles_per_engine: int, bundle: dict[str, float],
+                   nodes: Sequence[dict]) -> PlacementPlan:
+    """Bundles and Ray strategy for ``num_engines`` engines of ``bundles_per_engine`` bundles each.
+
+    pack:   Ray's PACK (as few nodes as possible; Ray picks which).
+    spread: engine k pinned to ``nodes[k % len(nodes)]`` (``nodes`` in ``alive_nodes`` order: head
+            first) through the node's ``node:<ip>`` resource on each of its bundles, so an engine's
+            tensor-parallel bundles stay on one node and engines go round-robin over the nodes.
+    auto:   spread when ``nodes`` has more than one node, else pack.
+    """
+    if placement not in PLACEMENTS:
+        raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
+    if num_engines < 1 or bundles_per_engine < 1:
+        raise ValueError(f"need num_engines >= 1 and bundles_per_engine >= 1, got {num_engines}, {bundles_per_engine}")
+    if placement == "auto":
+        placement = "spread" if len(nodes) > 1 else "pack"
+    if placement == "pack" or not nodes:
+        return PlacementPlan("pack", "PACK", [dict(bundle) for _ in range(num_engines * bundles_per_engine)],
+                             [None] * num_engines)
+    engine_nodes = [nodes[k % len(nodes)] for k in range(num_engines)]
+    bundles = [{**bundle, f"node:{n['ip']}": 0.001} for n in engine_nodes for _ in range(bundles_per_engine)]
+    # The pins decide; SPREAD (soft) never contradicts them, STRICT_SPREAD would split an engine's TP bundles.
+    return PlacementPlan("spread", "SPREAD", bundles, engine_nodes)
+
+
+def cluster_lines(ray_nodes: Sequence[dict]) -> list[str]:
+    """One summary line, then one line per node (alive ones first, head first), for the log."""
+    alive = alive_nodes(ray_nodes)
+    dead = [n for n in ray_nodes if not n.get("Alive")]
+    lines = [f"ray cluster: {len(alive)} node(s) alive, {len(dead)} dead: "
+             + ", ".join(f"{n['hostname']} ({n['ip']})" for n in alive)]
+    for n in alive:
+        gpus = f" GPU {n['gpus']:g}" if n["gpus"] else ""
+        lines.append(f"node {n['hostname']} {n['ip']} alive{' head' if n['head'] else ''} "
+                     f"CPU {n['cpus']:g}{gpus} id {str(n['node_id'])[:12]}")
+    for n in dead:
+        lines.append(f"node {n.get('NodeManagerHostname')} {n.get('NodeManagerAddress')} dead "
+                     f"id {str(n.get('NodeID'))[:12]}")
+    return lines
+
+
+def _announce(msg: str) -> None:
+    print(f"[rollout] {msg}", file=sys.stderr, flush=True)
+
+
 def _split_even(items: Sequence, k: int) -> list[list]:
     """Contiguous, balanced split of ``items`` into ``k`` lists (sizes differ by at most one)."""
     n = len(items)

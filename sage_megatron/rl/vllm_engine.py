@@ -121,6 +121,12 @@ class VLLMEngine:
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cfg.cpu_threads_bind
         if cfg.weight_transfer_backend == "ipc":
             os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # pickled CUDA IPC handles
+        host_ip = _ray_node_ip()
+        if host_ip and not os.environ.get("VLLM_HOST_IP"):
+            # vLLM's get_ip() finds the address via a UDP "connect" to 8.8.8.8; on a node without a
+            # default route (air-gapped compute nodes, the test cluster's namespaces) that fails and
+            # it falls back to 0.0.0.0. The Ray node's address is the one this node is reached at.
+            os.environ["VLLM_HOST_IP"] = host_ip
         from vllm import LLM
 
         kwargs: dict[str, Any] = dict(
@@ -438,6 +444,15 @@ def _to_result(key: str, out: Any, weight_version: int) -> dict[str, Any]:
         samples.append({"index": c.index, "response_ids": token_ids, "logprobs": logprobs,
                         "finish_reason": c.finish_reason, "text": c.text})
     return {"key": key, "samples": samples, "weight_version": weight_version}
+
+
+def _ray_node_ip() -> str | None:
+    try:
+        import ray
+
+        return ray.util.get_node_ip_address() if ray.is_initialized() else None
+    except Exception:
+        return None
 
 
 def _node_id() -> str | None:

@@ -22,7 +22,11 @@ from sage_megatron.rl.rollout_pool import (
     RolloutPoolConfig,
     StaleWeightsError,
     _split_even,
+    alive_nodes,
+    cluster_lines,
     cpu_bind_plan,
+    plan_placement,
+    ray_address_to_join,
 )
 from sage_megatron.rl.vllm_engine import EngineConfig
 from sage_megatron.testing.tiny_models import make_tiny_hf_model
@@ -41,6 +45,67 @@ def test_split_even_and_cpu_binding():
     assert cpu_bind_plan(list(range(8)), num_engines=2, tensor_parallel_size=2) == ["0-1|2-3", "4-5|6-7"]
     assert cpu_bind_plan([0, 2, 4, 6], num_engines=2) == ["0,2", "4,6"]
     assert cpu_bind_plan([0, 1], num_engines=3) == ["0", "1", "0"]  # oversubscribed: round robin
+
+
+def _ray_node(node_id, ip, host, *, head=False, alive=True, cpus=2.0, gpus=0.0):
+    res = {"CPU": cpus, f"node:{ip}": 1.0, **({"GPU": gpus} if gpus else {}),
+           **({"node:__internal_head__": 1.0} if head else {})}
+    return {"NodeID": node_id, "Alive": alive, "NodeManagerAddress": ip, "NodeManagerHostname": host,
+            "Resources": res if alive else {}}
+
+
+def test_placement_plans_pack_spread_auto():
+    raw = [_ray_node("b", "10.0.0.12", "n2"), _ray_node("x", "10.0.0.13", "n3", alive=False),
+           _ray_node("a", "10.0.0.9", "n1", head=True), _ray_node("c", "10.0.0.100", "n4")]
+    nodes = alive_nodes(raw)
+    # head first, then by numeric IP (10.0.0.100 after 10.0.0.12), dead nodes dropped
+    assert [n["hostname"] for n in nodes] == ["n1", "n2", "n4"]
+    assert nodes[0] == {"node_id": "a", "ip": "10.0.0.9", "hostname": "n1", "head": True, "cpus": 2.0, "gpus": 0.0}
+
+    pack = plan_placement("pack", num_engines=2, bundles_per_engine=1, bundle={"CPU": 1}, nodes=nodes)
+    assert (pack.placement, pack.strategy, pack.bundles) == ("pack", "PACK", [{"CPU": 1}, {"CPU": 1}])
+    assert pack.engine_nodes == [None, None] and pack.nodes == []
+
+    # spread: engine k pinned to node k (round-robin), through the node:<ip> resource
+    sp = plan_placement("spread", num_engines=4, bundles_per_engine=1, bundle={"CPU": 1}, nodes=nodes)
+    assert sp.placement == "spread" and sp.strategy == "SPREAD"
+    assert [n["hostname"] for n in sp.engine_nodes] == ["n1", "n2", "n4", "n1"]
+    assert sp.bundles == [{"CPU": 1, "node:10.0.0.9": 0.001}, {"CPU": 1, "node:10.0.0.12": 0.001},
+                          {"CPU": 1, "node:10.0.0.100": 0.001}, {"CPU": 1, "node:10.0.0.9": 0.001}]
+    assert [n["hostname"] for n in sp.nodes] == ["n1", "n2", "n4"]
+    # GPU engines with TP=2: both bundles of one engine on the same node, bundle order = engine order
+    tp2 = plan_placement("spread", num_engines=2, bundles_per_engine=2, bundle={"GPU": 1, "CPU": 1},
+                         nodes=nodes[:2])
+    assert [list(b)[-1] for b in tp2.bundles] == ["node:10.0.0.9", "node:10.0.0.9", "node:10.0.0.12",
+                                                  "node:10.0.0.12"]
+    assert all(b["GPU"] == 1 for b in tp2.bundles)
+
+    # auto: spread on a multi-node cluster, pack on one node (a local Ray)
+    assert plan_placement("auto", num_engines=2, bundles_per_engine=1, bundle={"CPU": 1}, nodes=nodes).placement == "spread"
+    one = plan_placement("auto", num_engines=2, bundles_per_engine=1, bundle={"CPU": 1}, nodes=nodes[:1])
+    assert (one.placement, one.strategy) == ("pack", "PACK")
+    with pytest.raises(ValueError, match="placement must be one of"):
+        plan_placement("strict", num_engines=1, bundles_per_engine=1, bundle={"CPU": 1}, nodes=nodes)
+
+    lines = cluster_lines(raw)
+    assert lines[0] == "ray cluster: 3 node(s) alive, 1 dead: n1 (10.0.0.9), n2 (10.0.0.12), n4 (10.0.0.100)"
+    assert lines[1].startswith("node n1 10.0.0.9 alive head CPU 2") and lines[-1].startswith("node n3 10.0.0.13 dead")
+
+
+def test_ray_address_to_join():
+    assert ray_address_to_join(None, {}) is None                                   # local Ray
+    assert ray_address_to_join(None, {"RAY_ADDRESS": "10.0.0.1:6379"}) == "10.0.0.1:6379"  # the Slurm case
+    assert ray_address_to_join("auto", {"RAY_ADDRESS": "10.0.0.1:6379"}) == "auto"
+    assert ray_address_to_join("local", {"RAY_ADDRESS": "10.0.0.1:6379"}) is None  # forced local
+
+
+def test_rollout_config_placement_choices():
+    from sage_megatron.config import ConfigError, load_config
+
+    assert load_config(None).rollout.placement == "auto"
+    assert load_config(None, ["rollout.placement=spread"]).rollout.placement == "spread"
+    with pytest.raises(ConfigError, match=r"rollout\.placement: 'strict' is not one of"):
+        load_config(None, ["rollout.placement=strict"])
 
 
 # ------------------------------------------------------------------ fixtures

