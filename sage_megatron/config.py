@@ -104,7 +104,7 @@ class AlgorithmConfig:
     hint_max_tokens: int = 256
     """Max tokens of a hint generation."""
     hint_max_retries: int = 2
-    """Retries of unparsable hint outputs."""
+    """Retries of unparsable hint outputs (the failing prompts only, all retries drawn in one call)."""
     hint_retry_temperature: float = 0.7
     """Sampling temperature of the retries."""
     prefix_fractions: tuple[float, ...] | None = None

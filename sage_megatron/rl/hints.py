@@ -275,9 +275,11 @@ class HintSource(Protocol):
 class PolicyHintSource:
     """Hints written by a model through a Sampler: the policy itself (SAGE) unless given its own.
 
-    One request per prompt yields all levels as JSON (parse_hint_json). Unparsable outputs are
-    retried ``max_retries`` times for the failing prompts only; greedy retries would repeat the same
-    text, so retries sample at ``retry_temperature`` (None: retry with ``sampling`` unchanged).
+    One request per prompt yields all levels as JSON (parse_hint_json). Prompts whose output does not
+    parse are retried, the failing ones only, with ``max_retries`` samples drawn in ONE call (n =
+    max_retries, the first parsable sample wins): a hint is a long sequential decode, so retry rounds
+    one after another would multiply its latency. Greedy retries would repeat the same text, so
+    retries sample at ``retry_temperature`` (None: ``sampling``'s temperature).
     Pass ``sampler`` for a frozen copy of the initial policy or an external model; leave it None to
     use the sampler of each call (the current policy, SAGE online).
     """
@@ -304,32 +306,32 @@ class PolicyHintSource:
         prompt_ids = {uid: self.encode(hint_messages(self.templates, problem=row.problem, solution=row.solution))
                       for uid, row in rows.items()}
         pending = list(rows)
-        for attempt in range(1 + self.max_retries):
+        rounds = [self.sampling] + ([self._retry_sampling()] if self.max_retries else [])
+        for attempt, sampling in enumerate(rounds):
             if not pending:
                 break
             requests = [RolloutRequest(uid=f"{uid}/hintgen/a{attempt}", prompt_ids=prompt_ids[uid]) for uid in pending]
-            outputs = engine.generate(requests, self._sampling(attempt))
+            outputs = engine.generate(requests, sampling)
             still = []
             for uid, request in zip(pending, requests):
                 result = results[uid]
-                result.attempts += 1
-                samples = outputs.get(request.uid) or []
-                hints = parse_hint_json(samples[0].text, levels=self.levels) if samples else None
-                if hints is None:
+                for sample in outputs.get(request.uid) or []:   # sample order: the first parsable one wins
+                    result.attempts += 1
+                    result.hints = parse_hint_json(sample.text, levels=self.levels)
+                    if result.hints is not None:
+                        break
                     result.parse_failures += 1
+                if result.hints is None:
                     still.append(uid)
-                else:
-                    result.hints = hints
             pending = still
         self.total_parse_failures += sum(r.parse_failures for r in results.values())
         self.total_failed_prompts += len(pending)
         return results
 
-    def _sampling(self, attempt: int) -> SamplingConfig:
-        if attempt == 0 or self.retry_temperature is None:
-            return self.sampling
-        seed = None if self.sampling.seed is None else self.sampling.seed + attempt
-        return replace(self.sampling, temperature=self.retry_temperature, seed=seed)
+    def _retry_sampling(self) -> SamplingConfig:
+        temperature = self.sampling.temperature if self.retry_temperature is None else self.retry_temperature
+        seed = None if self.sampling.seed is None else self.sampling.seed + 1
+        return replace(self.sampling, n=self.max_retries, temperature=temperature, seed=seed)
 
 
 class ReferencePrefixHintSource:

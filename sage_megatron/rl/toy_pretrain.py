@@ -40,7 +40,7 @@ import torch
 from sage_megatron.rl import toy_task
 
 # Bump when a change here or in toy_task.py changes the trained weights (invalidates caches).
-CODE_VERSION = 1
+CODE_VERSION = 2
 IGNORE = -100
 
 
@@ -48,7 +48,9 @@ IGNORE = -100
 class ToyPretrainRecipe:
     """Everything that determines the pretrained weights (hashed by ``cached_toy_policy``)."""
 
-    seed: int = 0                   # model init and data stream seed
+    seed: int = 1                   # model init and data stream seed. Measured (1,200 steps, bitwise the same
+    #                                 with 1 or 2 threads): seed 0 learns the format but not the digit
+    #                                 arithmetic (1-step accuracy 0.16, chance ~0.1); seed 1 learns it (0.62).
     steps: int = 1200               # optimizer steps (the time budget may stop earlier)
     batch_size: int = 48            # sequences per step, right-padded to the longest
     bucket: int = 16                # batches drawn at once and grouped by length (less padding)

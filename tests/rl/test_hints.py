@@ -53,7 +53,7 @@ class ScriptedPolicy:
                 bad = p in self.bad_hints or (p in self.bad_first_attempt and r.uid.endswith("/a0"))
                 reply = "I cannot." if bad else "```json\n" + json.dumps(
                     {f"level_{l}": f"HINT-L{l}-P{p}" for l in (1, 2, 3)}) + "\n```"
-                out[r.uid] = [_sample(r, reply, 0)]
+                out[r.uid] = [_sample(r, reply, i) for i in range(sampling.n)]
                 continue
             m = re.search(r"HINT-L(\d)-P", text)
             level = int(m.group(1)) if m else 0
@@ -143,11 +143,11 @@ def test_policy_hint_source_retries_only_failures():
     policy = ScriptedPolicy(need={}, bad_hints={2}, bad_first_attempt={1})
     src = hint_source(max_retries=2)
     out = src.write_hints({"u0": rows(0)[0], "u1": rows(1)[0], "u2": rows(2)[0]}, sampler=policy)
-    # attempt a0: all three; a1: the two that failed (1, 2); a2: only 2 (1 parsed at a1)
+    # a0: all three, greedy; a1: the two that failed (1, 2), both retries drawn at once (n=2) at the
+    # retry temperature; 1 parses at its first retry sample, 2 never
     assert policy.hint_uids() == [["u0/hintgen/a0", "u1/hintgen/a0", "u2/hintgen/a0"],
-                                  ["u1/hintgen/a1", "u2/hintgen/a1"], ["u2/hintgen/a2"]]
-    assert [s.temperature for _, s in policy.calls] == [0.0, 0.7, 0.7]   # greedy, then retry temperature
-    assert all(s.n == 1 for _, s in policy.calls)
+                                  ["u1/hintgen/a1", "u2/hintgen/a1"]]
+    assert [(s.temperature, s.n) for _, s in policy.calls] == [(0.0, 1), (0.7, 2)]
     assert out["u0"].hints == {1: "HINT-L1-P0", 2: "HINT-L2-P0", 3: "HINT-L3-P0"}
     assert (out["u1"].ok, out["u1"].attempts, out["u1"].parse_failures) == (True, 2, 1)
     assert (out["u2"].ok, out["u2"].attempts, out["u2"].parse_failures) == (False, 3, 3)
@@ -202,7 +202,7 @@ def run_sage(**kw):
 
 def test_sage_escalates_only_the_unresolved_subset():
     policy, out = run_sage()
-    # unhinted rollout of all; hints for the 5 unresolved (P4 retried twice); then only the unresolved
+    # unhinted rollout of all; hints for the 5 unresolved (P4 retried: 2 samples, one call); then only the unresolved
     assert policy.answer_uids() == [
         ["s7/r0", "s7/r1", "s7/r2", "s7/r3", "s7/r4", "s7/r5"],
         ["s7/r1/h1", "s7/r2/h1", "s7/r3/h1", "s7/r5/h1"],          # P4 has no hint: not re-sampled
@@ -211,7 +211,7 @@ def test_sage_escalates_only_the_unresolved_subset():
     ]
     assert policy.hint_uids() == [["s7/r1/hintgen/a0", "s7/r2/hintgen/a0", "s7/r3/hintgen/a0",
                                    "s7/r4/hintgen/a0", "s7/r5/hintgen/a0"],
-                                  ["s7/r4/hintgen/a1"], ["s7/r4/hintgen/a2"]]
+                                  ["s7/r4/hintgen/a1"]]
     # final groups, in row order: P0 unhinted, P1..P2 at their solving level, P3 keeps level 3 (all wrong),
     # P4 keeps its unhinted group, P5 at level 3
     assert [g.uid for g in out.groups] == ["s7/r0", "s7/r1/h1", "s7/r2/h2", "s7/r3/h3", "s7/r4", "s7/r5/h3"]
