@@ -47,7 +47,7 @@ def training_loop(t: "Trainer") -> dict:
                 adv = group_advantages(out.groups, std_mode=cfg.algorithm.std_mode, eps=cfg.algorithm.adv_eps)
                 batches = t.mini_batches(out.groups, adv)
             with timer.phase("logprob"):
-                batches = [replace(b, old_logp=t.actor.old_logprobs(b)) for b in batches]
+                batches = [replace(b, old_logp=t.actor.old_logprobs(b, only_update=len(batches) == 1)) for b in batches]
             with timer.phase("ref_logprob"):
                 if t.ref is not None:
                     batches = [replace(b, ref_logp=t.ref.compute_logprobs(b)) for b in batches]

@@ -48,7 +48,8 @@ def test_two_sage_steps_tp2_with_engines_and_weight_sync(tmp_path, tiny_hf_facto
                f"model.cache_dir={tmp_path / 'cache'}", "parallel.tp=2", "algorithm.name=sage",
                "algorithm.hint_source=reference_prefix", "rollout.max_tokens=12", "rollout.group_size=4",
                "data.batch_size=4", "eval.max_prompts=4", "run.steps=2", f"run.dir={run}",
-               "run.checkpoint_every=2", "run.export_hf=true"])
+               "run.checkpoint_every=2", "run.export_hf=true",
+               "optim.mini_batches=1"])    # one update per step: pi_old from the update's own pass
     assert rc == 0
     out = capfd.readouterr().out     # the progress lines come from the spawned rank
     assert "step 2/2" in out and str(run) in out.strip().splitlines()[-1]

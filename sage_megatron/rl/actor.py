@@ -101,14 +101,17 @@ class TrainBatch:
 
     tokens (B, T) long; response_mask (B, T) float 0/1 (1 on response tokens whose log-prob counts,
     column 0 always 0); advantages (B,) float (one per sequence, broadcast over its tokens);
-    old_logp (B, T) float, behaviour log-probs at the same columns (0 outside the response);
+    old_logp (B, T) float, behaviour log-probs at the same columns (0 outside the response), or None
+    for an exactly on-policy update (the batch's only optimizer step, right after the weight sync): the
+    loss then uses the step's own log-probs, detached, as pi_old (ratio 1), and the extra forward pass
+    that would recompute them is skipped, as TRL and verl do;
     ref_logp (B, T) float or None, reference-model log-probs (needed when kl_coef != 0).
     """
 
     tokens: torch.Tensor
     response_mask: torch.Tensor
     advantages: torch.Tensor
-    old_logp: torch.Tensor
+    old_logp: torch.Tensor | None
     ref_logp: torch.Tensor | None = None
     uids: list[str] = field(default_factory=list)   # group uid of each row (bookkeeping only)
     behavior: "TrainBatch | None" = None
@@ -384,7 +387,7 @@ class MegatronActor:
                     "positions": torch.arange(seq, device=device).unsqueeze(0).expand(mb.tokens.shape[0], seq),
                     "mask": mb.response_mask.to(device, torch.float32),
                     "advantages": mb.advantages.to(device, torch.float32),
-                    "old_logp": mb.old_logp.to(device, torch.float32)}
+                    "old_logp": None if mb.old_logp is None else mb.old_logp.to(device, torch.float32)}
             if mb.ref_logp is not None:
                 item["ref_logp"] = mb.ref_logp.to(device, torch.float32)
             out.append(item)
@@ -447,10 +450,16 @@ class MegatronActor:
         local_logp = _broadcast_from_last_stage(local_logp)
         return _all_gather_dp(local_logp)[:b]
 
-    def old_logprobs(self, batch: TrainBatch) -> torch.Tensor:
+    def old_logprobs(self, batch: TrainBatch, *, only_update: bool = False) -> torch.Tensor | None:
         """pi_old log-probs of the batch's response tokens, at its response columns (0 elsewhere), computed
         under the context the responses were sampled in: ``batch.behavior`` when set (loss context
-        "original"), else the batch itself. Collective, like ``compute_logprobs``."""
+        "original"), else the batch itself. Collective, like ``compute_logprobs``.
+
+        ``only_update``: the batch gets the step's only optimizer update, with the weights it was sampled
+        with. pi_old is then the update's own forward pass: returns None (no extra forward; see
+        TrainBatch.old_logp), except under the "original" context, whose pi_old is on other rows."""
+        if only_update and batch.behavior is None:
+            return None
         sampled = batch.behavior if batch.behavior is not None else batch
         logp = self.compute_logprobs(sampled) * sampled.response_mask
         if batch.behavior is None:
@@ -522,7 +531,8 @@ class MegatronActor:
             with torch.no_grad():
                 _, ent = self._token_logprobs(output.detach(), mb["tokens"], with_entropy=True)
         agg = dict(num_tokens=num_tokens, num_seqs=num_seqs)
-        pg = policy_loss(logp=logp, old_logp=mb["old_logp"], advantages=mb["advantages"], mask=mask,
+        old_logp = logp.detach() if mb["old_logp"] is None else mb["old_logp"]          # None: on-policy
+        pg = policy_loss(logp=logp, old_logp=old_logp, advantages=mb["advantages"], mask=mask,
                          clip_low=cfg.clip_low, clip_high=cfg.clip_high, clip_c=cfg.clip_c, agg=cfg.loss_agg, **agg)
         entropy = aggregate(ent, mask, mode=cfg.loss_agg, **agg)
         loss = pg.loss - cfg.entropy_coef * entropy

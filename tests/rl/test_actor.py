@@ -176,6 +176,11 @@ def _rank_results(llama_ckpt: str, qwen_ckpt: str, layout: ParallelLayout, batch
         out["one_mb_step1"] = one.train_step(dataclasses.replace(batch, old_logp=out["logp0"], ref_logp=ref_logp))
         fresh = MegatronActor(dataclasses.replace(cfg, kl_coef=0.0, entropy_coef=0.0))
         out["original_step1"] = fresh.train_step(dataclasses.replace(original, old_logp=out["original_old"]))
+        # the only update of a batch: pi_old from the update's own pass (no extra forward), same step
+        on_policy = MegatronActor(cfg)
+        out["skip_old"] = (on_policy.old_logprobs(batch, only_update=True),
+                           on_policy.old_logprobs(original, only_update=True))
+        out["on_policy_step1"] = on_policy.train_step(dataclasses.replace(batch, old_logp=None, ref_logp=ref_logp))
     return out
 
 
@@ -330,3 +335,16 @@ def test_original_loss_context_importance_ratio_against_hf(runs):
     per_token = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - low, 1 + high))
     per_token = torch.where(adv < 0, torch.minimum(per_token, -adv * c), per_token)
     assert step["pg_loss"] == pytest.approx(per_token[m].mean().item(), abs=1e-5)
+
+
+@pytest.mark.multiproc
+def test_only_update_skips_the_old_logprob_pass_and_takes_the_same_step(runs):
+    r = runs["results"][(1, 1, 1)][0]
+    skipped, original = r["skip_old"]
+    assert skipped is None                                      # no forward pass for pi_old
+    assert torch.allclose(original, r["original_old"])          # "original" context still needs one
+    a, b = r["on_policy_step1"], r["step1"]                     # step1 used the recomputed log-probs
+    for key in ("loss", "pg_loss", "kl", "entropy"):
+        assert a[key] == pytest.approx(b[key], abs=1e-6), key
+    assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+    assert a["clip_frac"] == 0.0 and a["ratio_mean"] == pytest.approx(1.0, abs=1e-7)
