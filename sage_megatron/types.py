@@ -1,4 +1,5 @@
-"""Rollout data types carried through every stage: request -> sample -> prompt group -> train batch.
+"""Rollout data types carried through every stage: prompt row -> request -> sample -> prompt group,
+and the two interfaces the algorithm sees of the outside world (Sampler, RewardFn).
 
 Groups are always keyed by a prompt ``uid`` (never by row position: the SAGE reference code's
 defect was to key groups by position while batch balancing reordered rows).
@@ -6,6 +7,19 @@ defect was to key groups by position while batch balancing reordered rows).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable, Protocol, Sequence
+
+RewardFn = Callable[[Sequence[tuple[str, str]]], list[float]]  # [(response, ground truth)] -> rewards
+
+
+@dataclass(frozen=True)
+class PromptRow:
+    """One training prompt."""
+
+    index: int          # stable dataset index (unique within the file)
+    problem: str        # the question shown to the policy
+    solution: str       # reference solution (hints are made from it); "" when not configured
+    answer: str         # ground-truth final answer (compared by the reward)
 
 
 @dataclass(frozen=True)
@@ -54,3 +68,11 @@ class PromptGroup:
     hint_level: int = 0             # 0 = no hint
     hint_text: str = ""
     unhinted_prompt_ids: tuple[int, ...] = ()  # original-prompt context (Guide-GRPO style loss option)
+
+
+class Sampler(Protocol):
+    """The rollout engine as the algorithm sees it (the pool, seeded per step by the trainer)."""
+
+    def generate(self, requests: list[RolloutRequest], sampling: SamplingConfig) -> dict[str, list[Sample]]:
+        """``sampling.n`` samples per request, keyed by the request's uid."""
+        ...

@@ -28,9 +28,9 @@ def test_latest_ignores_incomplete_and_temp_dirs(tmp_path):
 
 def _save_world(root: str, base: str, crash: bool):
     """Save step 1 and then (optionally) crash in the middle of step 2's save."""
+    from sage_megatron.actor.worker import ActorConfig, MegatronActor
     from sage_megatron.parallel.distributed import init_parallel
     from sage_megatron.parallel.layout import ParallelLayout
-    from sage_megatron.rl.actor import ActorConfig, MegatronActor
 
     layout = ParallelLayout(2, 1, 1)
     init_parallel(layout)
@@ -83,7 +83,7 @@ def _comparable(rec: dict) -> dict:
 def test_resume_continues_exactly(tmp_path, tiny_hf_factory):
     from sage_megatron.config import load_config
     from sage_megatron.metrics import read_metrics
-    from sage_megatron.rl import toy_task
+    from sage_megatron.tasks import toy_task
     from sage_megatron.train import train
 
     data = toy_task.write_jsonl(tmp_path / "rows.jsonl", toy_task.generate_rows(8, seed=0, steps=(2, 3)))

@@ -6,7 +6,6 @@ import json
 
 import pytest
 
-from sage_megatron.config import load_config
 from sage_megatron.train import StepSampler, mean_of, training_loop
 
 
@@ -59,8 +58,12 @@ def test_two_sage_steps_tp2_with_engines_and_weight_sync(tmp_path, tiny_hf_facto
         # a random policy gets every prompt wrong: SAGE hints all of them and trains on the hinted groups
         assert r["hint/triggered"] >= 1 and r["groups/hinted_share"] > 0
         assert r["train/tokens"] > 0 and r["train/update_ok"] == 1.0
-        for phase in ("rollout", "hint_rollout", "logprob", "update", "weight_sync", "step"):
-            assert r[f"time/{phase}"] >= 0
+        # every phase that ran took time, and the phases nested in a step fit inside it
+        for phase in ("rollout", "reward", "hint_rollout", "update", "weight_sync"):
+            assert r[f"time/{phase}"] > 0, phase
+        nested = ("rollout", "reward", "hint_gen", "hint_rollout", "advantages", "logprob", "ref_logprob",
+                  "update", "weight_sync")
+        assert sum(r.get(f"time/{p}", 0.0) for p in nested) <= r["time/step"]
     assert [r["weight_version"] for r in recs] == [1, 2]          # one sync per step
     assert (run / "checkpoints" / "step_000002" / "state.json").is_file()
     assert list((run / "tb").iterdir())
@@ -85,45 +88,3 @@ def test_one_sage_step_pp2_original_loss_context(tmp_path, tiny_hf_factory):
     assert rec["train/tokens"] > 0 and rec["train/update_ok"] == 1.0 and rec["weight_version"] == 1
     # on hinted groups pi(y | x) != pi_old(y | x, hint): the mean importance weight moves off 1
     assert abs(rec["train/ratio_mean"] - 1.0) > 1e-3
-
-
-def test_toy_comparison_writes_the_summary_the_readme_promises(tmp_path, monkeypatch, capsys):
-    """`sage-megatron toy` bookkeeping with the two training runs replaced by fake ones (the real runs are
-    what `make run` does): summary.json keys, numbers recomputed by hand, and its path printed last."""
-    import sage_megatron.train as T
-
-    steps = {"grpo": [(1.0, 0.5, {}), (3.0, 0.7, {}), (2.0, 0.6, {})],
-             "sage": [(6.0, 1.0, {"hint/hinted_l1": 2, "hint/hinted_l3": 1}), (2.0, 0.8, {"hint/hinted_l1": 1}),
-                      (4.0, 0.9, {"hint/hinted_l2": 3})]}
-    seen = []
-
-    def fake_train(cfg):
-        name = cfg.algorithm.name
-        seen.append((name, cfg.eval.at_start, cfg.run.seed))
-        run = tmp_path / "out" / name
-        run.mkdir(parents=True)
-        with (run / "metrics.jsonl").open("w") as f:
-            for i, (t, usage, hints) in enumerate(steps[name], 1):
-                f.write(json.dumps({"step": i, "time/step": t, "groups/prompt_usage": usage, **hints}) + "\n")
-        evals = {"final": {"avg_at_k": 0.25 if name == "grpo" else 0.5}}
-        if cfg.eval.at_start:
-            evals["start"] = {"avg_at_k": 0.125}
-        return {"evals": evals, "never_solved_share": 0.5 if name == "grpo" else 0.25, "steps": 3,
-                "train_seconds": 9.0}
-
-    monkeypatch.setattr(T, "train", fake_train)
-    summary = T.toy_comparison(tmp_path / "out")
-    assert seen == [("grpo", True, 0), ("sage", False, 0)]        # same seed; start evaluated once
-    on_disk = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert on_disk == summary
-    g, s = summary["grpo"], summary["sage"]
-    assert (g["heldout_accuracy"], s["heldout_accuracy"]) == (0.25, 0.5)
-    assert g["heldout_accuracy_start"] == s["heldout_accuracy_start"] == 0.125
-    assert g["prompt_usage"] == pytest.approx(0.6) and s["prompt_usage"] == pytest.approx(0.9)
-    assert (g["never_solved_share"], s["never_solved_share"]) == (0.5, 0.25)
-    assert s["hinted_per_level"] == {"1": 3.0, "2": 3.0, "3": 1.0} and g["hinted_per_level"] == {"1": 0.0, "2": 0.0, "3": 0.0}
-    assert summary["sage_over_grpo_time"] == pytest.approx(4.0 / 2.0)
-    assert summary["sage_over_grpo_time_median"] == pytest.approx(4.0 / 2.0)
-    out = capsys.readouterr().out.strip().splitlines()
-    assert out[-1] == str((tmp_path / "out" / "summary.json").absolute())
-    assert any(line.startswith("| never-solved share | 0.500 | 0.250 |") for line in out)

@@ -7,36 +7,20 @@ from __future__ import annotations
 
 import os
 import pickle
-import socket
 import traceback
 from typing import Any, Callable
 
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from sage_megatron.procs import die_with_parent, free_port, reap_children
 
 
 def launched_externally() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def _die_with_parent() -> None:
-    """Linux: a rank gets SIGKILL when the launching process dies, so no orphan holds a collective."""
-    try:
-        import ctypes
-        import signal
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
 def _child(rank: int, world_size: int, port: int, threads: int, fn, args, kwargs, queue) -> None:
-    _die_with_parent()
+    die_with_parent()
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     # All ranks are on this machine: gloo must pair over loopback, not over whatever address the
@@ -63,18 +47,7 @@ def _child(rank: int, world_size: int, port: int, threads: int, fn, args, kwargs
             destroy_parallel()
         except Exception:
             pass
-        _reap_children()
-
-
-def _reap_children() -> None:
-    """End processes this rank started. megatron's dist_checkpointing (filesystem_async) keeps a
-    multiprocessing Manager server per process; orphaned, it would hold the launcher's stdout/stderr
-    pipes open, so a caller reading them never sees end-of-file."""
-    import multiprocessing
-
-    for child in multiprocessing.active_children():
-        child.terminate()
-        child.join(timeout=2)
+        reap_children()
 
 
 def _dump_stacks(procs) -> None:
@@ -97,7 +70,7 @@ def run_distributed(fn: Callable, *, world_size: int, args: tuple = (), kwargs: 
     timeout_s = timeout_s or float(os.environ.get("SAGE_DIST_TIMEOUT_S", "1800"))
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = free_port()
+    port = free_port("127.0.0.1")
     threads = threads_per_rank or max(1, (os.cpu_count() or 1) // world_size)
     procs = [ctx.Process(target=_child, args=(r, world_size, port, threads, fn, args, kwargs or {}, queue))
              for r in range(world_size)]

@@ -54,7 +54,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -62,6 +61,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
+
+from sage_megatron.procs import free_port, proc_start_time
 
 HOSTS_FILE = Path("/etc/hosts")
 HOSTS_TAG = "# sage-slurm-cluster"
@@ -165,18 +166,10 @@ def _require_root_and_tools() -> None:
         raise ClusterError(reason)
 
 
-def _proc_start_time(pid: int) -> int | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return int(stat.rsplit(")", 1)[1].split()[19])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
 def _alive(pid: int | None, start_time: int | None = None) -> bool:
     if not pid:
         return False
-    st = _proc_start_time(pid)
+    st = proc_start_time(pid)
     if st is None:
         return False
     try:  # zombies count as dead
@@ -473,7 +466,7 @@ class SlurmCluster:
         self._save_state()
         _hosts_add([(self.ctl_addr, spec.controller)]
                    + list(zip(self.node_addrs, spec.node_names)))
-        self.ctl_port = _free_port()
+        self.ctl_port = free_port()
         self._write_conf()
         self._start_slurmctld()
         for name in spec.node_names:
@@ -511,7 +504,7 @@ class SlurmCluster:
     def _save_state(self) -> None:
         assert self.dir is not None
         st = {"owner_pid": None if self.manual else os.getpid(),
-              "owner_start": None if self.manual else _proc_start_time(os.getpid()),
+              "owner_start": None if self.manual else proc_start_time(os.getpid()),
               "manual": self.manual, "netns_inodes": sorted(self.netns_inodes), "boot_id": _boot_id(),
               "nodes": self.spec.node_names, "created": time.time()}
         (self.dir / "state.json").write_text(json.dumps(st))
@@ -714,12 +707,6 @@ PartitionName={spec.partition} Nodes={",".join(spec.node_names)} Default=YES Max
                 raise ClusterError(f"job {job_id} still {info.state} after {timeout:.0f} s (cancelled)\n"
                                    f"{self.log_tail()}")
             time.sleep(poll_s)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 def _find_running() -> Path | None:

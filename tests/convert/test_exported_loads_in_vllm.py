@@ -11,8 +11,8 @@ pytestmark = [pytest.mark.vllm, pytest.mark.multiproc]
 def test_exported_checkpoint_serves_in_vllm(tiny_hf_factory, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from sage_megatron.rl.rollout_pool import RolloutPool, RolloutPoolConfig
-    from sage_megatron.rl.vllm_engine import EngineConfig
+    from sage_megatron.rollout.pool import RolloutPool, RolloutPoolConfig
+    from sage_megatron.rollout.vllm_engine import EngineConfig
     from sage_megatron.types import RolloutRequest, SamplingConfig
 
     hf = tiny_hf_factory("qwen2")

