@@ -30,8 +30,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sage_megatron.rl.rollout_pool import RolloutPool, RolloutPoolConfig  # noqa: E402
-from sage_megatron.rl.vllm_engine import EngineConfig  # noqa: E402
+from sage_megatron.rollout.pool import RolloutPool, RolloutPoolConfig  # noqa: E402
+from sage_megatron.rollout.vllm_engine import EngineConfig  # noqa: E402
 from sage_megatron.types import RolloutRequest, SamplingConfig  # noqa: E402
 
 TINY = dict(hidden_size=128, num_layers=4, num_heads=2, num_kv_heads=1, ffn_hidden_size=256)
@@ -94,7 +94,7 @@ def bench_transport(pool: RolloutPool, mib: int, repeats: int = 2) -> dict:
     """Sender encode+put, then per engine: get + hand-off as shm file vs rpc bytes (A B A B)."""
     import ray
 
-    from sage_megatron.rl.weight_transport import encode_bucket
+    from sage_megatron.rollout.weight_transport import encode_bucket
 
     numel = mib * 1024 * 1024 // 4
     bucket = [(f"w{i}", torch.randn(numel // 8)) for i in range(8)]

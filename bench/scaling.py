@@ -4,9 +4,9 @@ performance model's prediction for the same configuration.
 
     python bench/scaling.py --json runs/scaling.json --plot runs/scaling.png            # stand-in
     python bench/scaling.py --nodes 1,2 --layouts tp1pp1 --json out.json                  # explicit grid
-    SAGE_BENCH_TRAIN_CMD='sage-megatron train --config configs/x.yaml cluster.nodes={nodes} \
-        parallel.tp={tp} parallel.pp={pp} train.steps={steps} logging.metrics_jsonl={metrics}' \
-        python bench/scaling.py --model 7b --json out.json                                 # real trainer
+    SAGE_BENCH_TRAIN_CMD='sage-megatron train --config configs/x.yaml parallel.tp={tp} \
+        parallel.pp={pp} rollout.num_engines={engines} rollout.placement=spread run.steps={steps} \
+        run.dir={run_dir}' python bench/scaling.py --model 7b --json out.json             # real trainer
     python bench/scaling.py --from-jsonl nodes=2,tp=1,pp=1:run/metrics.jsonl --json out.json
     # the real trainer on a CPU Ray cluster, weak scaling (4 prompts per node), one engine per node:
     python bench/scaling.py --nodes 1,2 --scaling weak --batch 4 --hardware cpu --json out.json \
@@ -32,14 +32,14 @@ the harness drops --warmup steps and reports medians.
     run's config.json (model.hf_dir's config.json, else --model), its batch, group size, mini-batches,
     measured mean response length and hint share, training on the head node's ranks, one engine
     per node, CPU_THIS_MACHINE peaks and the default efficiency factors (no GPU swap).
-  * the stand-in (no trainer given): a workload shaped like one GRPO step, run with Ray on k nodes
-    (one actor pinned per node, torch.distributed gloo between them): rollout = batched decode
-    steps that read all weights plus a growing KV cache, logprob = a forward pass, update = forward
-    and backward matmuls plus a gradient all-reduce across nodes, weight_sync = each node's
-    hand-over copy of the weights into its "engine". It uses the perf model's "tiny" model, and
-    the prediction uses this machine's measured matmul FLOP/s, copy bandwidth and inter-node
-    bandwidth with all efficiency factors at 1 -- so measured / predicted is the share of time
-    the model does not explain (Python and scheduling overheads, contention).
+  * the stand-in (no trainer given; bench/scaling_standin.py): a workload shaped like one GRPO
+    step, run with Ray on k nodes (one actor pinned per node, torch.distributed gloo between them):
+    rollout = batched decode steps that read all weights plus a growing KV cache, logprob = a
+    forward pass, update = forward and backward matmuls plus a gradient all-reduce across nodes,
+    weight_sync = each node's hand-over copy of the weights into its "engine". It uses the perf
+    model's "tiny" model, and the prediction uses this machine's measured matmul FLOP/s, copy
+    bandwidth and inter-node bandwidth with all efficiency factors at 1 -- so measured / predicted
+    is the share of time the model does not explain (Python and scheduling overheads, contention).
 On this machine the emulated nodes share 2 CPU cores (and other users' load): stand-in numbers
 test the harness and the launch path, not hardware scaling.
 """
@@ -60,12 +60,16 @@ import sys
 import time
 from pathlib import Path
 
-from sage_megatron import perf_model as pm
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.scaling_standin import StandIn, run_stand_in, stand_in_prediction  # noqa: E402
+from sage_megatron.perf.catalogue import CPU_THIS_MACHINE, H100_SXM, MODELS, ModelSpec  # noqa: E402
+from sage_megatron.perf.formulas import Efficiency, Layout, Workload, default_rollout_tp, step_time  # noqa: E402
 
 PHASES = ("time/rollout", "time/hint", "time/logprob", "time/update", "time/weight_sync")
 KEYS = PHASES + ("time/step",)
 HINT_PARTS = ("time/hint_gen", "time/hint_rollout")
-"""The trainer's hint phases (sage_megatron/rl/hints.py): summed into time/hint."""
+"""The trainer's hint phases (sage_megatron/algo/strategies.py): summed into time/hint."""
 OTHER = "time/other"
 """time/step minus the five phases (reward, advantages, reference log-probs, broadcasts, ...)."""
 
@@ -124,222 +128,6 @@ def parse_layout(s: str) -> tuple[int, int]:
 
 
 # ----------------------------------------------------------------------------------------------
-# the stand-in workload (Ray + gloo)
-
-
-@dataclasses.dataclass(frozen=True)
-class StandIn:
-    """One GRPO-shaped step for the stand-in (sizes chosen to take ~1 s per step on one core)."""
-
-    prompts: int = 8
-    samples: int = 4
-    prompt_tokens: int = 16
-    response_tokens: int = 32
-    """Mean; lengths are spread evenly over [1, 2 * mean] like the perf model's uniform assumption."""
-    optimizer_steps: int = 2
-    threads: int = 1
-
-    def workload(self) -> pm.Workload:
-        return pm.Workload(prompts=self.prompts, samples=self.samples, prompt_tokens=self.prompt_tokens,
-                           response_tokens=self.response_tokens, max_response_tokens=2 * self.response_tokens,
-                           optimizer_steps=self.optimizer_steps, micro_batch_tokens=10**9, length_dist="uniform")
-
-
-def _worker_class():
-    import ray
-
-    @ray.remote(num_cpus=1)
-    class Worker:
-        """One emulated node's share of the stand-in step."""
-
-        def __init__(self, threads: int) -> None:
-            import torch
-
-            torch.set_num_threads(threads)
-            self.threads = threads
-
-        def where(self) -> tuple[str, str, int]:
-            import ray as _ray
-
-            ip = _ray.util.get_node_ip_address()
-            with socket.socket() as s:
-                s.bind((ip, 0))
-                port = s.getsockname()[1]
-            return ip, socket.gethostname(), port
-
-        def init_group(self, rank: int, world: int, master: str) -> None:
-            import datetime
-
-            import torch.distributed as dist
-
-            dist.init_process_group("gloo", init_method=f"tcp://{master}", rank=rank, world_size=world,
-                                    timeout=datetime.timedelta(seconds=120))
-            self.rank, self.world = rank, world
-
-        def close(self) -> None:
-            import torch.distributed as dist
-
-            if dist.is_initialized():
-                dist.destroy_process_group()
-
-        def measure(self, net_bytes: int) -> dict:
-            """This node's matmul FLOP/s (bf16), copy bandwidth, and the all-reduce bus bandwidth."""
-            import torch
-            import torch.distributed as dist
-
-            hw = pm.measure_cpu_hardware(threads=self.threads, seconds=0.3)
-            a = torch.randn(256, 256, dtype=torch.bfloat16)
-            a @ a
-            n, t0 = 0, time.perf_counter()
-            while time.perf_counter() - t0 < 0.3:
-                a @ a
-                n += 1
-            flops = 2 * 256 ** 3 * n / (time.perf_counter() - t0)
-            net = math.nan
-            if self.world > 1:
-                x = torch.ones(net_bytes // 2, dtype=torch.bfloat16)
-                dist.all_reduce(x)
-                dist.barrier()
-                t0 = time.perf_counter()
-                for _ in range(3):
-                    dist.all_reduce(x)
-                el = (time.perf_counter() - t0) / 3
-                net = 2 * (self.world - 1) / self.world * net_bytes / el  # ring bus bandwidth
-            return {"flops": flops, "mem_bw": hw.hbm_bw, "net_bw": net}
-
-        def build(self, spec: dict, seed: int) -> int:
-            import torch
-
-            g = torch.Generator().manual_seed(seed)
-            m = pm.ModelSpec(**spec)
-            h, d, f = m.hidden, m.hd, m.ffn
-            shapes = []
-            for _ in range(m.layers):
-                shapes += [(h, m.heads * d), (h, m.kv_heads * d), (h, m.kv_heads * d), (m.heads * d, h),
-                           (h, f), (h, f), (f, h)]
-            shapes.append((h, m.vocab))
-            self.weights = [(torch.randn(s, generator=g) * 0.02).to(torch.bfloat16) for s in shapes]
-            self.engine = [torch.empty_like(w) for w in self.weights]
-            self.model = m
-            self.kv_elems = m.kv_bytes_per_token() // 2
-            return sum(w.numel() for w in self.weights)
-
-        def _chain(self, x):
-            """A forward pass of the stand-in transformer minus attention scores: every weight
-            matrix used once per token (q, k, v, o, gate, up, down per layer; then the head)."""
-            ws = self.weights
-            for i in range(self.model.layers):
-                q, k, v, o, gate, up, down = ws[7 * i: 7 * i + 7]
-                a = x @ q
-                x @ k, x @ v
-                x = x + a @ o
-                x = x + ((x @ gate) * (x @ up)) @ down
-            return x @ ws[-1]
-
-        def step(self, cfg: dict) -> dict:
-            import torch
-            import torch.distributed as dist
-
-            def phase(fn):
-                dist.barrier()
-                t0 = time.perf_counter()
-                fn()
-                dist.barrier()
-                return time.perf_counter() - t0
-
-            m, world = self.model, self.world
-            seqs = cfg["prompts"] * cfg["samples"]
-            mine = [i for i in range(seqs) if i % world == self.rank]
-            R = cfg["response_tokens"]
-            lengths = [max(1, round((i + 0.5) / max(seqs, 1) * 2 * R)) for i in range(seqs)]
-            lengths = [lengths[i] for i in mine]
-            P, b = cfg["prompt_tokens"], len(mine)
-
-            def rollout():
-                if b == 0:
-                    return
-                kv = torch.zeros(b, P + 2 * R, self.kv_elems, dtype=torch.bfloat16)
-                self._chain(torch.randn(b * P, m.hidden, dtype=torch.bfloat16))  # prefill
-                for t in range(max(lengths)):
-                    alive = sum(1 for n in lengths if n > t)
-                    self._chain(torch.randn(alive, m.hidden, dtype=torch.bfloat16))
-                    kv[:alive, : P + t].sum()
-
-            tokens_total = seqs * (P + R)
-            my_tokens = max(1, tokens_total // world)
-
-            def logprob():
-                self._chain(torch.randn(my_tokens, m.hidden, dtype=torch.bfloat16))
-
-            def update():
-                for _ in range(cfg["optimizer_steps"]):
-                    x = torch.randn(my_tokens // cfg["optimizer_steps"], m.hidden, dtype=torch.bfloat16)
-                    for _ in range(3):  # forward + backward ~ 3 forward passes of matmuls
-                        self._chain(x)
-                    flat = torch.cat([w.reshape(-1) for w in self.weights])
-                    dist.all_reduce(flat)
-
-            def weight_sync():
-                for w, e in zip(self.weights, self.engine):
-                    e.copy_(w)
-
-            times = {"time/rollout": phase(rollout), "time/hint": 0.0, "time/logprob": phase(logprob),
-                     "time/update": phase(update), "time/weight_sync": phase(weight_sync)}
-            times["time/step"] = sum(times.values())
-            return times
-
-    return Worker
-
-
-def run_stand_in(*, nodes: int, stand: StandIn, steps: int, metrics_path: Path, model: pm.ModelSpec,
-                 net_bytes: int = 8 << 20) -> dict:
-    """Runs the stand-in on `nodes` Ray nodes; writes per-step metrics JSONL; returns measured hardware."""
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    alive = [n for n in ray.nodes() if n["Alive"]]
-    alive.sort(key=lambda n: (not n.get("Resources", {}).get("node:__internal_head__"), n["NodeManagerAddress"]))
-    if nodes > len(alive):
-        raise RuntimeError(f"{nodes} nodes asked for, the Ray cluster has {len(alive)}")
-    Worker = _worker_class()
-    workers = [Worker.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
-               .remote(stand.threads) for n in alive[:nodes]]
-    try:
-        where = ray.get([w.where.remote() for w in workers], timeout=120)
-        master = f"{where[0][0]}:{where[0][2]}"
-        ray.get([w.init_group.remote(i, nodes, master) for i, w in enumerate(workers)], timeout=180)
-        hw = ray.get([w.measure.remote(net_bytes) for w in workers], timeout=300)
-        spec = dataclasses.asdict(model)
-        ray.get([w.build.remote(spec, 0) for w in workers], timeout=120)
-        cfg = dataclasses.asdict(stand)
-        with open(metrics_path, "w") as f:
-            for s in range(steps):
-                t = ray.get([w.step.remote(cfg) for w in workers], timeout=600)[0]
-                f.write(json.dumps({"step": s, **t}) + "\n")
-        ray.get([w.close.remote() for w in workers], timeout=60)
-    finally:
-        for w in workers:
-            ray.kill(w)
-    return {"hosts": [w[1] for w in where], "ips": [w[0] for w in where],
-            "flops": min(h["flops"] for h in hw), "mem_bw": min(h["mem_bw"] for h in hw),
-            "net_bw": min((h["net_bw"] for h in hw if not math.isnan(h["net_bw"])), default=math.nan)}
-
-
-def stand_in_prediction(*, nodes: int, stand: StandIn, model: pm.ModelSpec, measured: dict) -> dict:
-    """The perf model for the stand-in: one device per node, measured peaks, efficiencies 1."""
-    net = measured["net_bw"] if not math.isnan(measured["net_bw"]) else pm.CPU_THIS_MACHINE.inter_bw
-    hw = dataclasses.replace(pm.CPU_THIS_MACHINE, name="this CPU (measured)", peak_flops=measured["flops"],
-                             peak_flops_fp8=measured["flops"], hbm_bw=measured["mem_bw"],
-                             intra_bw=measured["mem_bw"], inter_bw=net)
-    eff = pm.Efficiency(compute=1.0, prefill=1.0, hbm=1.0, intra_link=1.0, inter_link=1.0, tp_overlap=0.0,
-                        dp_overlap=0.0, decode_step_overhead_s=0.0, sync_bucket_latency_s=0.0,
-                        sync_tensor_overhead_s=0.0, step_overhead_s=0.0, gpu_memory_utilization=1.0,
-                        colocated_swap=False)
-    lay = pm.Layout(nodes=nodes, devices_per_node=1, tp=1, pp=1, rollout_tp=1)
-    return pm.step_time(model, lay, stand.workload(), hw, eff).as_metrics()
-
-
-# ----------------------------------------------------------------------------------------------
 # the trainer
 
 
@@ -380,13 +168,13 @@ def run_trainer(*, template: str, nodes: int, tp: int, pp: int, gpus_per_node: i
         raise RuntimeError(f"trainer wrote no metrics to {metrics_path} (use the {{metrics}} placeholder)")
 
 
-def model_from_hf_config(path: str | Path) -> pm.ModelSpec:
+def model_from_hf_config(path: str | Path) -> ModelSpec:
     """A perf-model ModelSpec from an HF config.json (Llama / Qwen2 family keys)."""
     c = json.loads(Path(path).read_text())
-    return pm.ModelSpec(f"hf:{Path(path).parent.name}", layers=c["num_hidden_layers"], hidden=c["hidden_size"],
-                        ffn=c["intermediate_size"], heads=c["num_attention_heads"],
-                        kv_heads=c.get("num_key_value_heads") or c["num_attention_heads"], vocab=c["vocab_size"],
-                        head_dim=c.get("head_dim") or 0, tied_embeddings=bool(c.get("tie_word_embeddings")))
+    return ModelSpec(f"hf:{Path(path).parent.name}", layers=c["num_hidden_layers"], hidden=c["hidden_size"],
+                     ffn=c["intermediate_size"], heads=c["num_attention_heads"],
+                     kv_heads=c.get("num_key_value_heads") or c["num_attention_heads"], vocab=c["vocab_size"],
+                     head_dim=c.get("head_dim") or 0, tied_embeddings=bool(c.get("tie_word_embeddings")))
 
 
 def cpu_trainer_prediction(run_dir: Path, rows: list[dict], *, engines: int, prompt_tokens: float,
@@ -401,7 +189,7 @@ def cpu_trainer_prediction(run_dir: Path, rows: list[dict], *, engines: int, pro
     default efficiency factors except no GPU swap."""
     cfg = json.loads((run_dir / "config.json").read_text())
     hf_cfg = Path(cfg["model"]["hf_dir"]) / "config.json"
-    model = model_from_hf_config(hf_cfg) if hf_cfg.is_file() else pm.MODELS[fallback_model]
+    model = model_from_hf_config(hf_cfg) if hf_cfg.is_file() else MODELS[fallback_model]
 
     def mean(key: str, default: float) -> float:
         vals = [float(r[key]) for r in rows if r.get(key) is not None]
@@ -410,19 +198,19 @@ def cpu_trainer_prediction(run_dir: Path, rows: list[dict], *, engines: int, pro
     r, d, par = cfg["rollout"], cfg["data"], cfg["parallel"]
     prompts = int(d["batch_size"])
     triggered = mean("hint/triggered", 0.0)
-    work = pm.Workload(prompts=prompts, samples=int(r["group_size"]), prompt_tokens=prompt_tokens,
-                       response_tokens=max(1.0, mean("response_len/mean", r["max_tokens"] / 2)),
-                       max_response_tokens=int(r["max_tokens"]), length_dist="uniform",
-                       optimizer_steps=int(cfg["optim"]["mini_batches"]),
-                       logprob_passes=1 + (cfg["algorithm"].get("kl_coef", 0) > 0),
-                       hint_fraction=min(1.0, triggered / prompts) if prompts else 0.0,
-                       hint_levels=mean("hint/hinted_total", 0.0) / triggered if triggered else 1.0)
+    work = Workload(prompts=prompts, samples=int(r["group_size"]), prompt_tokens=prompt_tokens,
+                    response_tokens=max(1.0, mean("response_len/mean", r["max_tokens"] / 2)),
+                    max_response_tokens=int(r["max_tokens"]), length_dist="uniform",
+                    optimizer_steps=int(cfg["optim"]["mini_batches"]),
+                    logprob_passes=1 + (cfg["algorithm"].get("kl_coef", 0) > 0),
+                    hint_fraction=min(1.0, triggered / prompts) if prompts else 0.0,
+                    hint_levels=mean("hint/hinted_total", 0.0) / triggered if triggered else 1.0)
     ranks = int(par["tp"]) * int(par["pp"]) * int(par["dp"])
-    lay = pm.Layout(nodes=1, devices_per_node=ranks, tp=int(par["tp"]), pp=int(par["pp"]), rollout_tp=ranks,
-                    colocated=False, rollout_nodes=engines)
-    eff = dataclasses.replace(pm.Efficiency(), colocated_swap=False)
-    pred = with_other(pm.step_time(model, lay, work, pm.CPU_THIS_MACHINE, eff).as_metrics())
-    assumed = {"model": dataclasses.asdict(model), "params": model.params, "hardware": pm.CPU_THIS_MACHINE.name,
+    lay = Layout(nodes=1, devices_per_node=ranks, tp=int(par["tp"]), pp=int(par["pp"]), rollout_tp=ranks,
+                 colocated=False, rollout_nodes=engines)
+    eff = dataclasses.replace(Efficiency(), colocated_swap=False)
+    pred = with_other(step_time(model, lay, work, CPU_THIS_MACHINE, eff).as_metrics())
+    assumed = {"model": dataclasses.asdict(model), "params": model.params, "hardware": CPU_THIS_MACHINE.name,
                "workload": dataclasses.asdict(work), "engines": engines, "train_ranks": ranks}
     return pred, assumed
 
@@ -532,11 +320,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hardware", choices=["auto", "h100", "cpu"], default="auto",
                     help="prediction for trainer runs: H100 nodes (--model, --prompts ...) or this CPU "
                          "machine (model and workload from the run) [auto: cpu without CUDA]")
-    ap.add_argument("--prompts", type=int, default=pm.Workload.prompts)
-    ap.add_argument("--samples", type=int, default=pm.Workload.samples)
-    ap.add_argument("--prompt-tokens", type=float, default=pm.Workload.prompt_tokens)
-    ap.add_argument("--response-tokens", type=float, default=pm.Workload.response_tokens)
-    ap.add_argument("--max-response-tokens", type=int, default=pm.Workload.max_response_tokens)
+    ap.add_argument("--prompts", type=int, default=Workload.prompts)
+    ap.add_argument("--samples", type=int, default=Workload.samples)
+    ap.add_argument("--prompt-tokens", type=float, default=Workload.prompt_tokens)
+    ap.add_argument("--response-tokens", type=float, default=Workload.response_tokens)
+    ap.add_argument("--max-response-tokens", type=int, default=Workload.max_response_tokens)
     ap.add_argument("--ray-address", default=None)
     ap.add_argument("--timeout", type=float, default=3600, help="per trainer run, seconds")
     a = ap.parse_args(argv)
@@ -545,16 +333,16 @@ def main(argv: list[str] | None = None) -> int:
     work_dir = a.json.with_suffix("")
     work_dir.mkdir(parents=True, exist_ok=True)
     results: list[dict] = []
-    gpu_work = pm.Workload(prompts=a.prompts, samples=a.samples, prompt_tokens=a.prompt_tokens,
-                           response_tokens=a.response_tokens, max_response_tokens=a.max_response_tokens)
+    gpu_work = Workload(prompts=a.prompts, samples=a.samples, prompt_tokens=a.prompt_tokens,
+                        response_tokens=a.response_tokens, max_response_tokens=a.max_response_tokens)
 
     def gpu_prediction(nodes: int, tp: int, pp: int) -> dict:
-        model = pm.MODELS[a.model or "7b"]
-        lay = pm.Layout(nodes=nodes, devices_per_node=a.gpus_per_node, tp=tp, pp=pp,
-                        rollout_tp=pm.default_rollout_tp(model, pm.H100_SXM))
+        model = MODELS[a.model or "7b"]
+        lay = Layout(nodes=nodes, devices_per_node=a.gpus_per_node, tp=tp, pp=pp,
+                     rollout_tp=default_rollout_tp(model, H100_SXM))
         work = dataclasses.replace(gpu_work, prompts=gpu_work.prompts * nodes) if a.scaling == "weak" else gpu_work
         try:
-            return with_other(pm.step_time(model, lay, work, pm.H100_SXM).as_metrics())
+            return with_other(step_time(model, lay, work, H100_SXM).as_metrics())
         except ValueError as e:
             print(f"[scaling] no prediction for nodes={nodes} tp={tp} pp={pp}: {e}", file=sys.stderr)
             return {}
@@ -574,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
         nodes_list = ([int(x) for x in a.nodes.split(",")] if a.nodes
                       else [2 ** i for i in range(int(math.log2(max(1, available))) + 1)])
         stand = StandIn()
-        model = pm.MODELS[a.model or "tiny"]
+        model = MODELS[a.model or "tiny"]
         hardware = a.hardware
         if hardware == "auto":
             import torch

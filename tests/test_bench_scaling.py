@@ -81,3 +81,17 @@ def test_real_trainer_sweep_with_cpu_prediction(tmp_path, capsys):
     table = capsys.readouterr().out
     # weak scaling: twice the work in the same time = 2x throughput, 100% efficiency
     assert "2.00x | 100%" in table and "meas/pred" in table
+
+
+def test_stand_in_prediction_without_ray():
+    """The stand-in's perf-model prediction (bench/scaling_standin.py) needs no Ray."""
+    sc = _scaling()    # puts the repo root on sys.path, as the script does
+    from bench.scaling_standin import StandIn, stand_in_prediction
+    from sage_megatron.perf.catalogue import MODELS
+
+    assert sc.StandIn is StandIn
+    measured = {"flops": 1e10, "mem_bw": 1e10, "net_bw": float("nan")}
+    one = stand_in_prediction(nodes=1, stand=StandIn(), model=MODELS["tiny"], measured=measured)
+    two = stand_in_prediction(nodes=2, stand=StandIn(), model=MODELS["tiny"], measured=measured)
+    assert set(one) >= set(sc.KEYS) and one["time/step"] > 0
+    assert two["time/update"] < one["time/update"]   # the update's compute splits over the nodes

@@ -1,4 +1,5 @@
-"""bench/vs_trl.py: the cheap, pure parts (argument checks, config equivalence, result shape, install cache).
+"""bench/vs_trl.py and bench/trl_install.py: the cheap, pure parts (argument checks, config equivalence,
+result shape, install cache).
 
 No TRL is installed or run here; the benchmark itself is `python bench/vs_trl.py --json OUT`.
 """
@@ -16,12 +17,21 @@ from sage_megatron.config import load_config, to_dict
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def vs():
-    spec = importlib.util.spec_from_file_location("bench_vs_trl", ROOT / "bench" / "vs_trl.py")
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+@pytest.fixture(scope="module")
+def vs():
+    return _load("vs_trl")
+
+
+@pytest.fixture(scope="module")
+def ti():
+    return _load("trl_install")
 
 
 def args(**kw) -> argparse.Namespace:
@@ -147,18 +157,29 @@ def test_warmup_zero_counts_every_step(vs):
     assert res["speedup"] == pytest.approx(38 / 3 / 5.0)
 
 
-def test_pins_file_pins_the_default_trl(vs):
-    pins = vs.read_pins()
-    assert f"trl=={vs.DEFAULT_TRL}" in pins
+def test_pins_file_pins_the_default_trl(vs, ti):
+    pins = ti.read_pins()
+    assert vs.DEFAULT_TRL == ti.DEFAULT_TRL           # vs_trl.py's --trl-version default
+    assert f"trl=={ti.DEFAULT_TRL}" in pins
     assert all("==" in p for p in pins)
 
 
-def test_ensure_trl_reuses_the_cache_and_refuses_clashes(vs, tmp_path, monkeypatch):
+def test_ensure_trl_reuses_the_cache_and_refuses_clashes(ti, tmp_path, monkeypatch):
     site = tmp_path / "trl-9.9.9"
     site.mkdir()
     (site / ".bench-installed.json").write_text("{}")
-    assert vs.ensure_trl("9.9.9", tmp_path) == site           # cached: no pip call
-    monkeypatch.setattr(vs, "read_pins", lambda: ["trl==1.0.0", "pytest==0.0.1"])
+    assert ti.ensure_trl("9.9.9", tmp_path) == site           # cached: no pip call
+    monkeypatch.setattr(ti, "read_pins", lambda: ["trl==1.0.0", "pytest==0.0.1"])
     with pytest.raises(SystemExit, match="pytest==0.0.1"):
-        vs.ensure_trl("1.0.0", tmp_path)                        # would shadow the venv's pytest: refused
+        ti.ensure_trl("1.0.0", tmp_path)                        # would shadow the venv's pytest: refused
     assert not (tmp_path / "trl-1.0.0").exists()
+
+
+def test_trl_worker_script_starts_by_path(tmp_path):
+    # run_trl starts bench/trl_worker.py by path (no TRL needed to get as far as its usage line)
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, str(ROOT / "bench" / "trl_worker.py")], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "usage: trl_worker.py WORK_DIR" in p.stderr, p.stderr

@@ -7,8 +7,9 @@ import math
 
 import pytest
 
-from sage_megatron.perf_model import (
-    H100_SXM, MODELS, Efficiency, Layout, ModelSpec, Workload, allgather_time, allreduce_time,
+from sage_megatron.perf.catalogue import H100_SXM, MODELS, ModelSpec
+from sage_megatron.perf.formulas import (
+    Efficiency, Layout, Workload, allgather_time, allreduce_time,
     EULER_GAMMA, alive_sum, alive_sum_uniform, best_layout, compare_published, decode_steps, forward_flops,
     kv_sum, kv_sum_uniform, logprob_time, peak_live_context, predict_table, rollout_time, step_time, train_flops, train_memory_per_device,
     train_time, weight_sync_time,

@@ -10,12 +10,19 @@ import time
 
 import pytest
 
+from conftest import skip_or_fail_in_ci
 from sage_megatron.testing.slurm_cluster import (ClusterBusyError, ClusterSpec, SlurmCluster, leftovers,
                                                  unavailable_reason)
 
 
-pytestmark = [pytest.mark.slurm,
-              pytest.mark.skipif(unavailable_reason() is not None, reason=str(unavailable_reason()))]
+pytestmark = pytest.mark.slurm
+
+
+@pytest.fixture(autouse=True)
+def _slurm_available():
+    reason = unavailable_reason()
+    if reason:
+        skip_or_fail_in_ci(reason)
 
 
 def assert_nothing_left(netns_inodes: set[int]) -> None:

@@ -122,7 +122,6 @@ def test_ray_node_dying_during_training_fails_the_job(slurm_cluster, tmp_path):
 CONVERTER = REPO / "tools" / "convert" / "hf_to_megatron.py"
 
 
-@pytest.mark.skipif(not CONVERTER.exists(), reason=f"{CONVERTER.relative_to(REPO)} not written yet")
 def test_convert_job(slurm_cluster, tmp_path):
     from sage_megatron.testing.tiny_models import make_tiny_hf_model
 
