@@ -53,6 +53,28 @@ def demo(out_dir: Path, *, overwrite: bool) -> dict:
     return {"ok": ok, **summary}
 
 
+def _eval(a: argparse.Namespace) -> dict:
+    """The eval command: flags alone, or a run config (its model, held-out set, k, sampling, templates)."""
+    from sage_megatron.config import ConfigError, load_config
+    from sage_megatron.evaluate import run_eval
+
+    if a.config is None:
+        if a.model is None:
+            raise ConfigError("eval needs --model HF_DIR or --config FILE")
+        return run_eval(model_dir=a.model, data=a.data or ["toy"], k=a.k, temperature=a.temperature, top_p=a.top_p,
+                        max_tokens=a.max_tokens, max_prompts=a.max_prompts, templates=a.templates)
+    from sage_megatron.run_inputs import resolve_model
+
+    cfg = load_config(a.config, [])
+    e, r = cfg.eval, cfg.rollout
+    sets = a.data or [e.data or "toy"]
+    model = a.model or str(resolve_model(cfg))
+    return run_eval(model_dir=model, data=sets, k=e.k, temperature=e.temperature, top_p=e.top_p,
+                    max_tokens=r.max_tokens, max_prompts=e.max_prompts, templates=cfg.algorithm.templates,
+                    seed=cfg.data.seed, dtype=r.engine_dtype, difficulty_key=e.difficulty_key,
+                    hard_min_difficulty=e.hard_min_difficulty, cache_dir=cfg.model.cache_dir)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="sage-megatron", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -67,9 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     y.add_argument("--out-dir", default="runs/toy")
     y.add_argument("--config", default="configs/toy.yaml")
     y.add_argument("overrides", nargs="*")
-    e = sub.add_parser("eval", help="avg@k of an HF model on a prompt set via the rollout pool")
-    e.add_argument("--model", required=True)
-    e.add_argument("--data", default="toy")
+    e = sub.add_parser("eval", help="avg@k / pass@k of an HF model on prompt sets via the rollout pool")
+    e.add_argument("--config", default=None, help="take model, sets and sampling from this run config")
+    e.add_argument("--model", default=None, help="HF model folder (default: the config's model)")
+    e.add_argument("--data", nargs="+", default=None, help="one or more sets: .jsonl/.json/.parquet or 'toy'")
     e.add_argument("--k", type=int, default=4)
     e.add_argument("--temperature", type=float, default=1.0)
     e.add_argument("--top-p", type=float, default=1.0)
@@ -102,16 +125,19 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if a.command == "eval":
         from sage_megatron.config import ConfigError
-        from sage_megatron.evaluate import run_eval
         from sage_megatron.tasks.data import DataError
 
         try:
-            print(json.dumps(run_eval(model_dir=a.model, data=a.data, k=a.k, temperature=a.temperature,
-                                      top_p=a.top_p, max_tokens=a.max_tokens, max_prompts=a.max_prompts,
-                                      templates=a.templates)))
+            result = _eval(a)
         except (ConfigError, DataError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
+        from sage_megatron.evaluate import eval_table
+
+        print(eval_table(result))
+        print(json.dumps({"avg_at_k": result["avg_at_k"], "pass_at_k": result["pass_at_k"], "k": result["k"],
+                          "sets": {n: {k: v for k, v in r.items() if k != "per_prompt"}
+                                   for n, r in result["sets"].items()}}))
         return 0
     if a.command == "report":
         from sage_megatron.report import make_report

@@ -160,8 +160,14 @@ class DataConfig:
     """Column of the ground-truth answer."""
     index_key: str | None = "index"
     """Column of the stable index; null = row number."""
+    difficulty_key: str = ""
+    """Column of an integer difficulty label ("" = none). Every *_key may be a dotted path into nested
+    records (verl-format parquet: reward_model.ground_truth, extra_info.index)."""
     batch_size: int = 16
     """Prompts per training step."""
+    seed: int = 0
+    """Seed of the generated sets ("toy", "arith"): fixed while run.seed varies, so every seed of a
+    comparison trains on the same prompts and is evaluated on the same held-out set."""
     shuffle: bool = True
     """Seeded shuffle per epoch."""
 
@@ -169,7 +175,8 @@ class DataConfig:
 @dataclass(frozen=True)
 class EvalConfig:
     data: str = "toy"
-    """Held-out rows (no hints); "toy" = the toy task's held-out hard split; "" = no evaluation."""
+    """Held-out rows (no hints); "toy" = the toy task's held-out split (every training difficulty, balanced,
+    problems never seen in training); "" = no evaluation."""
     k: int = 4
     """avg@k: samples per prompt."""
     temperature: float = 1.0
@@ -178,6 +185,12 @@ class EvalConfig:
     """Evaluation top_p (paper: 0.95)."""
     max_prompts: int = 64
     """Evaluate at most this many prompts (0 = all)."""
+    every: int = 0
+    """Also evaluate every this many steps (0 = only at the start and the end): held-out learning curves."""
+    difficulty_key: str = "steps"
+    """Column of the held-out rows' integer difficulty ("" = none); with it, results per difficulty."""
+    hard_min_difficulty: int = 6
+    """The hard band: held-out rows with difficulty >= this (reported beside the whole set)."""
     at_start: bool = True
     """Also evaluate before the first step."""
 

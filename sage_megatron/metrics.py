@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Iterator, Mapping
 
 METRICS_FILE = "metrics.jsonl"
+EVALS_FILE = "evals.jsonl"       # one held-out evaluation per line: {"step", "accuracy", "accuracy_ci95", ...}
 
 
 class PhaseTimer:
@@ -46,6 +47,15 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
         if line.strip():
             rec = json.loads(line)
             by_step[int(rec["step"])] = rec
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def read_evals(run_dir: str | Path) -> list[dict]:
+    """The held-out evaluations of a run, in step order (the last of a step wins after a resume)."""
+    path = Path(run_dir) / EVALS_FILE
+    if not path.is_file():
+        return []
+    by_step = {int(r["step"]): r for r in map(json.loads, filter(str.strip, path.read_text().splitlines()))}
     return [by_step[s] for s in sorted(by_step)]
 
 

@@ -1,14 +1,15 @@
 """Plots of one or more runs, overlaid: ``sage-megatron report RUN_DIR [RUN_DIR ...] [--out DIR]``.
 
 Writes accuracy.png (accuracy before hints), prompt_usage.png, never_solved.png and
-hints_per_level.png (hinted prompts per level per step) from each run's metrics.jsonl.
+hints_per_level.png (hinted prompts per level per step) from each run's metrics.jsonl, and
+heldout.png (held-out accuracy, all and hard band, with 95% intervals) from its evals.jsonl.
 """
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Sequence
 
-from sage_megatron.metrics import read_metrics
+from sage_megatron.metrics import read_evals, read_metrics
 
 PLOTS = {
     "accuracy": ("acc/before_hints", "accuracy before hints"),
@@ -62,4 +63,22 @@ def make_report(run_dirs: Sequence[str | Path], out_dir: str | Path | None = Non
     fig.savefig(out / "hints_per_level.png", dpi=100)
     plt.close(fig)
     written.append(out / "hints_per_level.png")
+    evals = {name: read_evals(d) for name, d in zip(runs, run_dirs)}
+    if any(evals.values()):
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+        for ax, (key, title) in zip(axes, (("accuracy", "held-out accuracy (all)"),
+                                           ("hard_accuracy", "held-out accuracy (hard band)"))):
+            for name, points in evals.items():
+                pts = [(e["step"], e[key], e.get(key + "_ci95") or 0.0) for e in points if e.get(key) is not None]
+                if pts:
+                    steps, values, cis = zip(*pts)
+                    ax.errorbar(steps, values, yerr=cis, marker="o", ms=3, capsize=3, label=name)
+            ax.set(xlabel="step", title=title)
+            ax.grid(alpha=0.3)
+            ax.legend()
+        axes[0].set_ylabel("avg@k, no hints (95% interval)")
+        fig.tight_layout()
+        fig.savefig(out / "heldout.png", dpi=100)
+        plt.close(fig)
+        written.append(out / "heldout.png")
     return written

@@ -12,25 +12,27 @@ def load_train_rows(cfg: Config, paths: dict):
     from sage_megatron.tasks.data import Columns, load_rows
 
     d = cfg.data
-    cols = Columns(problem=d.problem_key, solution=d.solution_key or None, answer=d.answer_key, index=d.index_key)
+    cols = Columns(problem=d.problem_key, solution=d.solution_key or None, answer=d.answer_key, index=d.index_key,
+                   difficulty=d.difficulty_key or None)
     return load_rows(paths["train_data"], columns=cols, require_solution=cfg.algorithm.name != "grpo")
 
 
-def load_eval_rows(path: str, *, max_prompts: int = 0, seed: int = 0):
-    """Held-out rows ("toy" = the toy task's hard split); the first ``max_prompts`` (0 = all)."""
+def load_eval_rows(path: str, *, max_prompts: int = 0, seed: int = 0, difficulty_key: str = "steps",
+                   cache_dir: str | Path = "runs/cache"):
+    """Held-out rows ("toy" = the toy task's held-out split); the first ``max_prompts`` (0 = all)."""
     from sage_megatron.tasks.data import Columns, load_rows
 
     if path == "toy":
-        path = str(toy_data_paths(Path("runs/cache"), seed=seed)["heldout_hard"])
-    rows = load_rows(path, columns=Columns(index="index"), require_solution=False)
+        path = str(toy_data_paths(Path(cache_dir), seed=seed)["heldout"])
+    rows = load_rows(path, columns=Columns(index="index", difficulty=difficulty_key or None), require_solution=False)
     return rows[:max_prompts] if max_prompts else rows
 
 
 def toy_data_paths(cache_dir: Path, *, seed: int = 0) -> dict[str, Path]:
     from sage_megatron.tasks import toy_task
 
-    out = cache_dir / f"toy_data-seed{seed}"
-    files = {"train": out / "train.jsonl", "heldout_hard": out / "heldout_hard.jsonl"}
+    out = cache_dir / f"toy_data-v{toy_task.DATA_VERSION}-seed{seed}"
+    files = {"train": out / "train.jsonl", "heldout": out / "heldout.jsonl"}
     if not all(p.is_file() for p in files.values()):
         return toy_task.write_default_dataset(out, seed=seed)
     return files
@@ -39,12 +41,12 @@ def toy_data_paths(cache_dir: Path, *, seed: int = 0) -> dict[str, Path]:
 def train_data_path(cfg: Config, cache_dir: Path) -> Path:
     """data.train as a file: "toy" and "arith" are generated once into the cache."""
     if cfg.data.train == "toy":
-        return toy_data_paths(cache_dir, seed=cfg.run.seed)["train"]
+        return toy_data_paths(cache_dir, seed=cfg.data.seed)["train"]
     if cfg.data.train == "arith":
         from sage_megatron.tasks.arith_data import write_arith_dataset
 
-        path = cache_dir / f"arith_data-seed{cfg.run.seed}" / "train.jsonl"
-        return path if path.is_file() else write_arith_dataset(path, seed=cfg.run.seed)
+        path = cache_dir / f"arith_data-seed{cfg.data.seed}" / "train.jsonl"
+        return path if path.is_file() else write_arith_dataset(path, seed=cfg.data.seed)
     return Path(cfg.data.train).absolute()
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from sage_megatron.config import Config, validate, validate_for_model
+from sage_megatron.metrics import EVALS_FILE
 from sage_megatron.run_inputs import (converted_checkpoint, load_eval_rows, load_train_rows, resolve_model,
                                        template_dir, toy_data_paths, train_data_path)
 
@@ -56,10 +57,9 @@ def training_loop(t: "Trainer") -> dict:
             with timer.phase("weight_sync"):
                 t.state.weight_version = sync_weights(t.actor.model, arch=t.actor.arch, pool=t.pool)["version"]
             t.solved.update(seen=[g.row_index for g in out.groups], solved=out.solved_rows)
-        t.log(step, {**out.metrics, **step_group_metrics(out.groups), **t.solved.metrics(),
-                     **mean_of(updates, prefix="train/"), **timer.metrics()})
         t.state.step = step
-        t.maybe_evaluate(step)
+        t.log(step, {**out.metrics, **step_group_metrics(out.groups), **t.solved.metrics(),
+                     **mean_of(updates, prefix="train/"), **timer.metrics(), **t.maybe_evaluate(step)})
         t.maybe_checkpoint(step)
     return t.finish()
 
@@ -163,10 +163,13 @@ class Trainer:
         self.data = EpochIterator(load_train_rows(cfg, self.paths), batch_size=cfg.data.batch_size,
                                   seed=cfg.run.seed, shuffle=cfg.data.shuffle)
         if cfg.eval.data:
-            self.eval_rows = load_eval_rows(self.paths["eval_data"], max_prompts=cfg.eval.max_prompts, seed=cfg.run.seed)
+            self.eval_rows = load_eval_rows(self.paths["eval_data"], max_prompts=cfg.eval.max_prompts, seed=cfg.data.seed,
+                                            difficulty_key=cfg.eval.difficulty_key)
         if saved:
             self.data.load_state_dict(saved["data"])
             self.hinting.load_state_dict(saved["hinting"])
+        else:
+            (self.run_dir / EVALS_FILE).unlink(missing_ok=True)    # a fresh run: a fresh learning curve
         start = self.state.step
         self.writer = MetricsWriter(self.run_dir, tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress,
                                     total_steps=cfg.run.steps, start_step=start)
@@ -202,20 +205,33 @@ class Trainer:
             metrics["weight_version"] = self.state.weight_version
             self.writer.log(step, metrics)
 
-    def maybe_evaluate(self, step: int) -> None:
-        """Held-out avg@k (no hints) before the first step and after the last (rank 0; others wait)."""
-        if self.rank != 0 or self.eval_rows is None or step not in (0, self.cfg.run.steps):
-            return
+    def maybe_evaluate(self, step: int) -> dict[str, float]:
+        """Held-out avg@k (no hints) before the first step, every ``eval.every`` steps and after the last
+        (rank 0; others wait): accuracy with its 95% interval over the set and its hard band. Appended to
+        run_dir/evals.jsonl (the held-out learning curve) and returned as ``eval/*`` metrics for the step."""
+        e = self.cfg.eval
+        due = step in (0, self.cfg.run.steps) or (e.every and step % e.every == 0)
+        if self.rank != 0 or self.eval_rows is None or not due:
+            return {}
         from sage_megatron.algo.templates import load_templates
         from sage_megatron.evaluate import avg_at_k
 
-        e, r = self.cfg.eval, self.cfg.rollout
         res = avg_at_k(self.pool, self.eval_rows, templates=load_templates(template_dir(self.cfg.algorithm.templates)),
-                       encode=self.encode, k=e.k, temperature=e.temperature, top_p=e.top_p, max_tokens=r.max_tokens,
-                       seed=self.cfg.run.seed + 17, reward_fn=self.reward, min_version=self.state.weight_version)
-        self.state.evals["start" if step == 0 else "final"] = res
-        print(f"[eval step {step}] held-out avg@{e.k} = {res['avg_at_k']:.3f} "
+                       encode=self.encode, k=e.k, temperature=e.temperature, top_p=e.top_p,
+                       max_tokens=self.cfg.rollout.max_tokens, seed=self.cfg.run.seed + 17, reward_fn=self.reward,
+                       min_version=self.state.weight_version, hard_min_difficulty=e.hard_min_difficulty)
+        if step == 0:
+            self.state.evals["start"] = res
+        if step == self.cfg.run.steps:
+            self.state.evals["final"] = res
+        point = {k: v for k, v in res.items() if k != "per_prompt"}
+        with (self.run_dir / EVALS_FILE).open("a") as f:
+            f.write(json.dumps({"step": step, **point}) + "\n")
+        hard = (f", hard band {res['hard_accuracy']:.3f} ± {res['hard_accuracy_ci95']:.3f}"
+                if "hard_accuracy" in res else "")
+        print(f"[eval step {step}] held-out avg@{e.k} = {res['accuracy']:.3f} ± {res['accuracy_ci95']:.3f}{hard} "
               f"(pass@{e.k} {res['pass_at_k']:.3f}, {res['prompts']} prompts, {res['seconds']:.1f}s)", flush=True)
+        return {f"eval/{k}": float(v) for k, v in point.items() if k not in ("k", "seconds")}
 
     def maybe_checkpoint(self, step: int) -> None:
         from sage_megatron import checkpoint as ck
@@ -298,7 +314,7 @@ def prepare(cfg: Config) -> dict:
     hf_dir = resolve_model(cfg)
     validate_for_model(cfg, hf_dir)
     cache = Path(cfg.model.cache_dir)
-    eval_data = str(toy_data_paths(cache, seed=cfg.run.seed)["heldout_hard"]) if cfg.eval.data == "toy" else cfg.eval.data
+    eval_data = str(toy_data_paths(cache, seed=cfg.data.seed)["heldout"]) if cfg.eval.data == "toy" else cfg.eval.data
     paths = {"hf_dir": str(hf_dir), "base_ckpt": str(converted_checkpoint(cfg, hf_dir)),
              "train_data": str(train_data_path(cfg, cache)), "eval_data": eval_data}
     Path(cfg.run.dir).mkdir(parents=True, exist_ok=True)

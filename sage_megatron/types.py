@@ -20,6 +20,7 @@ class PromptRow:
     problem: str        # the question shown to the policy
     solution: str       # reference solution (hints are made from it); "" when not configured
     answer: str         # ground-truth final answer (compared by the reward)
+    difficulty: int | None = None   # optional difficulty label (toy: steps); evaluation reports a hard band
 
 
 @dataclass(frozen=True)

@@ -24,9 +24,15 @@ def test_toy_comparison_writes_the_summary_the_readme_promises(tmp_path, monkeyp
         with (run / "metrics.jsonl").open("w") as f:
             for i, (t, usage, hints) in enumerate(steps[name], 1):
                 f.write(json.dumps({"step": i, "time/step": t, "groups/prompt_usage": usage, **hints}) + "\n")
-        evals = {"final": {"avg_at_k": 0.25 if name == "grpo" else 0.5}}
+        final = {"accuracy": 0.25 if name == "grpo" else 0.5, "accuracy_ci95": 0.05,
+                 "hard_accuracy": 0.1 if name == "grpo" else 0.2, "hard_accuracy_ci95": 0.08}
+        evals = {"final": final}
+        curve = [{"step": 3, **final}]
         if cfg.eval.at_start:
-            evals["start"] = {"avg_at_k": 0.125}
+            evals["start"] = {"accuracy": 0.125, "accuracy_ci95": 0.04, "hard_accuracy": 0.0625,
+                              "hard_accuracy_ci95": 0.03}
+            curve.insert(0, {"step": 0, **evals["start"]})
+        (run / "evals.jsonl").write_text("".join(json.dumps(e) + "\n" for e in curve))
         return {"evals": evals, "never_solved_share": 0.5 if name == "grpo" else 0.25, "steps": 3,
                 "train_seconds": 9.0}
 
@@ -38,6 +44,14 @@ def test_toy_comparison_writes_the_summary_the_readme_promises(tmp_path, monkeyp
     g, s = summary["grpo"], summary["sage"]
     assert (g["heldout_accuracy"], s["heldout_accuracy"]) == (0.25, 0.5)
     assert g["heldout_accuracy_start"] == s["heldout_accuracy_start"] == 0.125
+    assert g["heldout_accuracy_ci95"] == 0.05 and g["heldout_accuracy_start_ci95"] == 0.04
+    assert (g["heldout_hard_accuracy"], s["heldout_hard_accuracy"]) == (0.1, 0.2)
+    assert g["heldout_hard_accuracy_start"] == s["heldout_hard_accuracy_start"] == 0.0625
+    assert s["heldout_hard_accuracy_ci95"] == 0.08
+    # SAGE's curve starts from GRPO's start evaluation (same weights), on disk too
+    assert [e["step"] for e in s["heldout_curve"]] == [0, 3] and s["heldout_curve"][0]["accuracy"] == 0.125
+    assert [json.loads(x)["step"] for x in (tmp_path / "out" / "sage" / "evals.jsonl").read_text().splitlines()] == [0, 3]
+    assert on_disk["cpu_count"] >= 1 and on_disk["command"] and on_disk["commit"] and "load_avg_1m" in on_disk
     assert g["prompt_usage"] == pytest.approx(0.6) and s["prompt_usage"] == pytest.approx(0.9)
     assert (g["never_solved_share"], s["never_solved_share"]) == (0.5, 0.25)
     assert s["hinted_per_level"] == {"1": 3.0, "2": 3.0, "3": 1.0} and g["hinted_per_level"] == {"1": 0.0, "2": 0.0, "3": 0.0}
@@ -46,3 +60,4 @@ def test_toy_comparison_writes_the_summary_the_readme_promises(tmp_path, monkeyp
     out = capsys.readouterr().out.strip().splitlines()
     assert out[-1] == str((tmp_path / "out" / "summary.json").absolute())
     assert any(line.startswith("| never-solved share | 0.500 | 0.250 |") for line in out)
+    assert "| held-out accuracy, end (hard band) | 0.100 ± 0.080 | 0.200 ± 0.080 |" in out

@@ -71,14 +71,21 @@ def test_two_sage_steps_tp2_with_engines_and_weight_sync(tmp_path, tiny_hf_facto
 
 @pytest.mark.vllm
 @pytest.mark.multiproc
-def test_one_sage_step_pp2_original_loss_context(tmp_path, tiny_hf_factory):
+def test_one_sage_step_pp2_original_loss_context_on_verl_parquet(tmp_path, tiny_hf_factory):
     """One SAGE step at pp=2 (2 pipeline stages, weight sync gathers both) with the Guide-GRPO loss
-    context: hinted responses are trained after the original prompt with the importance ratio."""
+    context (hinted responses trained after the original prompt with the importance ratio), on
+    verl-format parquet training data."""
     from sage_megatron.cli import main
+    from sage_megatron.tasks import toy_task
+    from sage_megatron.tasks.data import write_verl_parquet
 
+    # the training rows come as the SAGE reference (verl) writes them, read through dotted column paths
+    data = write_verl_parquet(tmp_path / "train.parquet", toy_task.generate_rows(8, seed=3, steps=(2, 3)))
     run = tmp_path / "run"
     rc = main(["train", "--config", "configs/toy.yaml", f"model.hf_dir={tiny_hf_factory('llama')}",
-               f"model.cache_dir={tmp_path / 'cache'}", "parallel.pp=2", "algorithm.name=sage",
+               f"model.cache_dir={tmp_path / 'cache'}", f"data.train={data}", "data.problem_key=prompt",
+               "data.solution_key=extra_info.solution", "data.answer_key=reward_model.ground_truth",
+               "data.index_key=extra_info.index", "parallel.pp=2", "algorithm.name=sage",
                "algorithm.hint_source=reference_prefix", "algorithm.loss_context=original",
                "rollout.max_tokens=12", "rollout.group_size=4", "data.batch_size=4", "eval.data=",
                "run.steps=1", f"run.dir={run}", "run.checkpoint_every=0"])

@@ -80,3 +80,29 @@ class SolvedTracker:
     def load_state_dict(self, state: dict) -> None:
         self.seen = {int(i) for i in state["seen"]}
         self.solved = {int(i) for i in state["solved"]}
+
+
+def mean_ci95(scores: Sequence[float]) -> tuple[float, float]:
+    """(mean, half-width of its 95% interval) of per-prompt scores: 1.96 * sample std / sqrt(n), the
+    normal approximation over prompts (each prompt's score is its mean over k samples). (0, 0) when
+    empty; the half-width is 0 for a single prompt."""
+    n = len(scores)
+    if n == 0:
+        return 0.0, 0.0
+    mean = sum(scores) / n
+    if n == 1:
+        return mean, 0.0
+    var = sum((s - mean) ** 2 for s in scores) / (n - 1)
+    return mean, 1.96 * (var / n) ** 0.5
+
+
+def heldout_summary(per_prompt: Sequence[tuple[float, int | None]], *, hard_min_difficulty: int) -> dict[str, float]:
+    """Accuracy with its 95% half-width over every prompt and over the hard band (difficulty >=
+    ``hard_min_difficulty``), from (per-prompt score, difficulty) pairs; hard keys only when labelled."""
+    acc, ci = mean_ci95([s for s, _ in per_prompt])
+    out = {"accuracy": acc, "accuracy_ci95": ci, "prompts": float(len(per_prompt))}
+    hard = [s for s, d in per_prompt if d is not None and d >= hard_min_difficulty]
+    if hard:
+        out["hard_accuracy"], out["hard_accuracy_ci95"] = mean_ci95(hard)
+        out["hard_prompts"] = float(len(hard))
+    return out

@@ -29,6 +29,31 @@ class Columns:
     solution: str | None = "solution"   # None: no solution column (GRPO-only data; hints impossible)
     answer: str = "answer"
     index: str | None = None            # None: the 0-based row number is the index
+    difficulty: str | None = None       # optional integer difficulty column (toy: "steps")
+
+    # Every name may be a dotted path into nested records, as verl-format parquet writes them
+    # ("reward_model.ground_truth", "extra_info.index"). A problem given as chat messages (a list of
+    # {"role", "content"}) is the content of its last user message.
+
+
+# The columns of verl-format parquet as the SAGE reference writes it (``write_verl_parquet``).
+VERL_COLUMNS = Columns(problem="prompt", solution="extra_info.solution", answer="reward_model.ground_truth",
+                       index="extra_info.index")
+
+
+def write_verl_parquet(path: str | Path, rows: Sequence[dict]) -> Path:
+    """Rows {index, problem, solution, answer} as verl-format parquet (chat-message ``prompt``, nested
+    ``reward_model.ground_truth`` and ``extra_info.{index, solution}``): hands our generated sets to verl
+    and lets the tests read what the SAGE reference reads."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    records = [{"data_source": "sage_megatron", "prompt": [{"role": "user", "content": r["problem"]}],
+                "ability": "math", "reward_model": {"style": "rule", "ground_truth": str(r["answer"])},
+                "extra_info": {"index": int(r["index"]), "solution": r["solution"], "split": "train"}}
+               for r in rows]
+    pq.write_table(pa.Table.from_pylist(records), str(path))
+    return Path(path)
 
 
 class DataError(ValueError):
@@ -81,7 +106,8 @@ def _read_records(path: Path, columns: Columns) -> list[tuple[int, Any]]:
         import pyarrow.parquet as pq
 
         schema_names = pq.read_schema(path).names
-        wanted = [c for c in (columns.problem, columns.solution, columns.answer, columns.index) if c is not None]
+        wanted = list(dict.fromkeys(c.split(".")[0] for c in (columns.problem, columns.solution, columns.answer,
+                                                               columns.index, columns.difficulty) if c is not None))
         missing = [c for c in wanted if c not in schema_names]
         if missing:
             raise DataError(f"{path}: missing column(s) {missing}; the file has {schema_names}; "
@@ -96,16 +122,18 @@ def _to_row(record: Any, *, number: int, path: Path, columns: Columns, require_s
         raise DataError(f"{where}: expected an object with keys, got {type(record).__name__}")
 
     def field(key: str, kinds: tuple[type, ...], what: str) -> Any:
-        if key not in record or record[key] is None:
+        value = _lookup(record, key)
+        if value is None:
             raise DataError(f"{where}: missing {what} key {key!r} (row has {sorted(record)}); "
                             f"add it or set the column name for {what}")
-        value = record[key]
         if isinstance(value, bool) or not isinstance(value, kinds):
             names = " or ".join(k.__name__ for k in kinds)
             raise DataError(f"{where}: {what} {key!r} must be {names}, got {type(value).__name__} {value!r:.60}")
         return value
 
-    problem = field(columns.problem, (str,), "problem")
+    problem = field(columns.problem, (str, list), "problem")
+    if isinstance(problem, list):
+        problem = _last_user_message(problem, where=where, key=columns.problem)
     if not problem.strip():
         raise DataError(f"{where}: empty problem {columns.problem!r}; remove the row or fill it in")
     answer = str(field(columns.answer, (str, int), "answer"))
@@ -118,7 +146,28 @@ def _to_row(record: Any, *, number: int, path: Path, columns: Columns, require_s
             raise DataError(f"{where}: empty solution {columns.solution!r}; hints are made from it "
                             f"(remove the row, or load with require_solution=False for GRPO)")
     index = number - 1 if columns.index is None else field(columns.index, (int,), "index")
-    return PromptRow(index=index, problem=problem, solution=solution, answer=answer)
+    difficulty = None if columns.difficulty is None else field(columns.difficulty, (int,), "difficulty")
+    return PromptRow(index=index, problem=problem, solution=solution, answer=answer, difficulty=difficulty)
+
+
+def _lookup(record: dict, dotted: str) -> Any:
+    """``record["a"]["b"]`` for "a.b"; a key that itself contains dots is tried first. None if absent."""
+    if dotted in record:
+        return record[dotted]
+    value: Any = record
+    for part in dotted.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
+def _last_user_message(messages: list, *, where: str, key: str) -> str:
+    users = [m.get("content") for m in messages if isinstance(m, dict) and m.get("role") == "user"]
+    if not users or not isinstance(users[-1], str) or not users[-1].strip():
+        raise DataError(f"{where}: problem {key!r} is a message list without a non-empty user message; "
+                        f"give the problem as text or as [{{'role': 'user', 'content': ...}}]")
+    return users[-1]
 
 
 class EpochIterator:

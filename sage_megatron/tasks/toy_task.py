@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
 MODULUS = 10
+DATA_VERSION = 2        # bump when make_splits' output changes (names the cached data folder)
 TEMPLATE_DIR = Path(__file__).resolve().parent / "templates" / "toy"   # read by algo.templates.load_templates
 HINT_KEYS = ("level_1", "level_2", "level_3")
 
@@ -151,19 +152,24 @@ def make_splits(
     *,
     seed: int = 0,
     n_train: int = 512,
-    n_heldout: int = 128,
+    n_heldout: int = 192,
     train_steps: Sequence[int] = tuple(range(1, 9)),
-    heldout_steps: Sequence[int] = (6, 7, 8),
     spec: ToyTaskSpec = DEFAULT_SPEC,
 ) -> dict[str, list[dict]]:
-    """{"train": mixed difficulty (uniform over train_steps), "heldout_hard": only heldout_steps}.
+    """{"train": mixed difficulty (uniform over train_steps), "heldout": the same difficulties, balanced}.
 
-    The held-out problems are drawn first and excluded from train, so the two never share a problem.
+    The held-out split has ``n_heldout // len(train_steps)`` problems per step count, interleaved (row i
+    has step count train_steps[i % len]) so any prefix of it is balanced too; its problems are drawn
+    first and excluded from train, so the two never share a problem. The hard band is a filter on
+    ``steps`` at evaluation time (eval.hard_min_difficulty).
     """
-    heldout = generate_rows(n_heldout, seed=seed * 2 + 1, steps=heldout_steps, spec=spec)
+    per_step = n_heldout // len(train_steps)
+    by_step = [generate_rows(per_step, seed=seed * 2 + 1 + 7919 * k, steps=(k,), spec=spec) for k in train_steps]
+    heldout = [dict(rows[i], index=i * len(train_steps) + j)
+               for i in range(per_step) for j, rows in enumerate(by_step)]
     train = generate_rows(n_train, seed=seed * 2, steps=train_steps, spec=spec,
                           exclude={r["problem"] for r in heldout})
-    return {"train": train, "heldout_hard": heldout}
+    return {"train": train, "heldout": heldout}
 
 
 # ----------------------------------------------------------------------------- hints
@@ -260,8 +266,8 @@ def read_jsonl(path: str | Path) -> list[dict]:
 
 
 def write_default_dataset(out_dir: str | Path, *, seed: int = 0, n_train: int = 512,
-                          n_heldout: int = 128) -> dict[str, Path]:
-    """Write ``train.jsonl`` and ``heldout_hard.jsonl`` of ``make_splits`` to ``out_dir``."""
+                          n_heldout: int = 192) -> dict[str, Path]:
+    """Write ``train.jsonl`` and ``heldout.jsonl`` of ``make_splits`` to ``out_dir``."""
     splits = make_splits(seed=seed, n_train=n_train, n_heldout=n_heldout)
     return {name: write_jsonl(Path(out_dir) / f"{name}.jsonl", rows) for name, rows in splits.items()}
 

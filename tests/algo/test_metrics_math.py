@@ -40,3 +40,25 @@ def test_solved_tracker():
     u = SolvedTracker()
     u.load_state_dict(json.loads(json.dumps(t.state_dict())))
     assert (u.seen, u.solved) == ({0, 1, 2, 3, 4}, {0, 1})
+
+
+def test_mean_ci95_by_hand():
+    from sage_megatron.algo.metrics_math import mean_ci95
+
+    # scores 0, 0.5, 1, 0.5: mean 0.5, sample variance (0.25 + 0 + 0.25 + 0) / 3 = 1/6
+    mean, half = mean_ci95([0.0, 0.5, 1.0, 0.5])
+    assert mean == 0.5 and half == pytest.approx(1.96 * (1 / 6 / 4) ** 0.5)
+    assert mean_ci95([]) == (0.0, 0.0) and mean_ci95([0.25]) == (0.25, 0.0)
+    assert mean_ci95([1.0] * 9)[1] == 0.0                        # no spread, no interval
+
+
+def test_heldout_summary_splits_the_hard_band():
+    from sage_megatron.algo.metrics_math import heldout_summary
+
+    per_prompt = [(1.0, 1), (0.75, 2), (0.25, 6), (0.0, 7), (0.5, None)]
+    s = heldout_summary(per_prompt, hard_min_difficulty=6)
+    assert s["accuracy"] == pytest.approx(2.5 / 5) and s["prompts"] == 5
+    assert s["hard_accuracy"] == pytest.approx(0.125) and s["hard_prompts"] == 2
+    # hard band 0.25, 0.0: sample variance 0.03125, half-width 1.96 * sqrt(0.03125 / 2)
+    assert s["hard_accuracy_ci95"] == pytest.approx(1.96 * (0.03125 / 2) ** 0.5)
+    assert "hard_accuracy" not in heldout_summary([(1.0, None)], hard_min_difficulty=6)

@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from sage_megatron.tasks.data import Columns, DataError, EpochIterator, load_rows
+from sage_megatron.tasks.data import VERL_COLUMNS, Columns, DataError, EpochIterator, load_rows, write_verl_parquet
 from sage_megatron.types import PromptRow
 
 
@@ -53,7 +53,7 @@ def test_no_solution_column_for_grpo(tmp_path):
 
 @pytest.mark.parametrize("record, message", [
     ({"solution": "s", "answer": "1"}, r"row 2: missing problem key 'problem'"),
-    ({"problem": 5, "solution": "s", "answer": "1"}, r"row 2: problem 'problem' must be str, got int"),
+    ({"problem": 5, "solution": "s", "answer": "1"}, r"row 2: problem 'problem' must be str or list, got int"),
     ({"problem": "  ", "solution": "s", "answer": "1"}, r"row 2: empty problem"),
     ({"problem": "p", "solution": "s", "answer": None}, r"row 2: missing answer key 'answer'"),
     ({"problem": "p", "solution": "s", "answer": [1]}, r"row 2: answer 'answer' must be str or int, got list"),
@@ -131,3 +131,22 @@ def test_iterator_resume_continues_exactly():
         EpochIterator(_rows(7), batch_size=3, seed=6).load_state_dict(state)
     with pytest.raises(ValueError, match="batch_size 8 exceeds the 7 rows"):
         EpochIterator(_rows(7), batch_size=8)
+
+
+def test_verl_format_parquet_through_dotted_columns(tmp_path):
+    rows = [{"index": 10 + i, "problem": f"p{i}", "solution": f"s{i}", "answer": str(i)} for i in range(3)]
+    path = write_verl_parquet(tmp_path / "train.parquet", rows)
+    got = load_rows(path, columns=VERL_COLUMNS)
+    assert got == [PromptRow(index=10 + i, problem=f"p{i}", solution=f"s{i}", answer=str(i)) for i in range(3)]
+
+
+def test_difficulty_column_and_message_list_errors(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"problem": [{"role": "system", "content": "x"}], "solution": "s", "answer": "1"})
+                    + "\n")
+    with pytest.raises(DataError, match="row 1: problem 'problem' is a message list without a non-empty user"):
+        load_rows(path)
+    path.write_text(json.dumps({"problem": "p", "solution": "s", "answer": "1", "meta": {"steps": 4}}) + "\n")
+    assert load_rows(path, columns=Columns(difficulty="meta.steps"))[0].difficulty == 4
+    with pytest.raises(DataError, match="missing difficulty key 'steps'"):
+        load_rows(path, columns=Columns(difficulty="steps"))

@@ -82,13 +82,15 @@ def test_steps_is_the_difficulty_knob():
         toy_task.generate_rows(10_000, seed=0, steps=(1,), spec=toy_task.ToyTaskSpec(cycle=1))  # 10 * 21 exist
 
 
-def test_splits_are_disjoint_and_heldout_is_hard():
-    splits = toy_task.make_splits(seed=1, n_train=300, n_heldout=60)
-    train, held = splits["train"], splits["heldout_hard"]
-    assert {r["steps"] for r in held} == {6, 7, 8}
+def test_splits_are_disjoint_and_heldout_is_balanced_and_interleaved():
+    splits = toy_task.make_splits(seed=1, n_train=300, n_heldout=64)
+    train, held = splits["train"], splits["heldout"]
+    assert [r["steps"] for r in held] == list(range(1, 9)) * 8          # every prefix is balanced
+    assert [r["index"] for r in held] == list(range(64))
+    assert len({r["problem"] for r in held}) == 64
     assert {r["steps"] for r in train} == set(range(1, 9))
     assert not {r["problem"] for r in train} & {r["problem"] for r in held}
-    assert splits == toy_task.make_splits(seed=1, n_train=300, n_heldout=60)
+    assert splits == toy_task.make_splits(seed=1, n_train=300, n_heldout=64)
 
 
 def test_hints_are_windows_before_the_final_line_leaving_4_minus_l_steps(rows):
@@ -197,7 +199,7 @@ def test_jsonl_round_trip(tmp_path, rows):
     assert toy_task.read_jsonl(path) == rows
     paths = toy_task.write_default_dataset(tmp_path / "ds", seed=2, n_train=40, n_heldout=10)
     assert len(toy_task.read_jsonl(paths["train"])) == 40
-    assert len(toy_task.read_jsonl(paths["heldout_hard"])) == 10
+    assert len(toy_task.read_jsonl(paths["heldout"])) == 8        # 10 // 8 per step count
 
 
 def test_templates_render_and_round_trip_through_the_char_tokenizer():
