@@ -48,7 +48,7 @@ def training_loop(t: "Trainer") -> dict:
                 adv = group_advantages(out.groups, std_mode=cfg.algorithm.std_mode, eps=cfg.algorithm.adv_eps)
                 batches = t.mini_batches(out.groups, adv)
             with timer.phase("logprob"):
-                batches = [replace(b, old_logp=t.actor.old_logprobs(b, only_update=len(batches) == 1)) for b in batches]
+                batches, logp_gap = t.old_logprobs(batches)
             with timer.phase("ref_logprob"):
                 if t.ref is not None:
                     batches = [replace(b, ref_logp=t.ref.compute_logprobs(b)) for b in batches]
@@ -59,7 +59,7 @@ def training_loop(t: "Trainer") -> dict:
             t.solved.update(seen=[g.row_index for g in out.groups], solved=out.solved_rows)
         t.state.step = step
         t.log(step, {**out.metrics, **step_group_metrics(out.groups), **t.solved.metrics(),
-                     **mean_of(updates, prefix="train/"), **timer.metrics(), **t.maybe_evaluate(step)})
+                     **logp_gap, **mean_of(updates, prefix="train/"), **timer.metrics(), **t.maybe_evaluate(step)})
         t.maybe_checkpoint(step)
     return t.finish()
 
@@ -197,6 +197,19 @@ class Trainer:
         return [batch_from_groups(groups[i:i + size], advantages, pad_id=self.pad_id,
                                   max_len=self.cfg.rollout.max_model_len, loss_context=self.cfg.algorithm.loss_context)
                 for i in range(0, len(groups), size)]
+
+    def old_logprobs(self, batches: list) -> tuple[list, dict[str, float]]:
+        """pi_old for each mini-batch (skipped when the step has one update, see actor.old_logprobs), and how
+        far the engine's sampling log-probs are from the actor's own (a sync or numerics mismatch shows here)."""
+        from sage_megatron.algo.metrics_math import logprob_gap
+
+        out, gaps = [], []
+        for b in batches:
+            old = self.actor.old_logprobs(b, only_update=len(batches) == 1)
+            if old is not None and b.behavior is None:
+                gaps.append(logprob_gap(b.old_logp, old, b.response_mask))
+            out.append(replace(b, old_logp=old))
+        return out, (mean_of(gaps, prefix="rollout/") if gaps else {})
 
     def log(self, step: int, metrics: dict) -> None:
         if self.rank == 0:

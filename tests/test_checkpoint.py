@@ -75,7 +75,9 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path, tiny_hf_factory):
 
 
 def _comparable(rec: dict) -> dict:
-    return {k: v for k, v in rec.items() if not k.startswith("time/")}
+    """Every metric but timings and the engine-vs-actor log-prob gap (about 1e-6 either way: the engine's
+    numerics differ at that level with the batch it runs, which a restart changes)."""
+    return {k: v for k, v in rec.items() if not k.startswith(("time/", "rollout/logp_gap"))}
 
 
 @pytest.mark.vllm
@@ -101,6 +103,7 @@ def test_resume_continues_exactly(tmp_path, tiny_hf_factory):
     a, b = read_metrics(straight), read_metrics(resumed)
     assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4]
     for ra, rb in zip(a, b):
+        assert ra["rollout/logp_gap_max"] < 1e-4 and rb["rollout/logp_gap_max"] < 1e-4   # engine == actor
         ca, cb = _comparable(ra), _comparable(rb)
         assert ca.keys() == cb.keys()
         for k in ca:

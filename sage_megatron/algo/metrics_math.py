@@ -106,3 +106,14 @@ def heldout_summary(per_prompt: Sequence[tuple[float, int | None]], *, hard_min_
         out["hard_accuracy"], out["hard_accuracy_ci95"] = mean_ci95(hard)
         out["hard_prompts"] = float(len(hard))
     return out
+
+
+def logprob_gap(engine_logp, actor_logp, mask) -> dict[str, float]:
+    """Mean and max |engine - actor| log-prob over response tokens ((B, T) tensors, mask 0/1): the rollout
+    engine's sampling log-probs against the trainer's recomputation on the same weights. Near 0 when the
+    weight sync and both numerics agree; a large gap makes the update off-policy."""
+    m = mask.bool()
+    diff = (engine_logp - actor_logp).abs()[m]
+    if diff.numel() == 0:
+        return {"logp_gap_mean": 0.0, "logp_gap_max": 0.0}
+    return {"logp_gap_mean": float(diff.mean()), "logp_gap_max": float(diff.max())}

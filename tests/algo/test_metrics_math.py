@@ -62,3 +62,14 @@ def test_heldout_summary_splits_the_hard_band():
     # hard band 0.25, 0.0: sample variance 0.03125, half-width 1.96 * sqrt(0.03125 / 2)
     assert s["hard_accuracy_ci95"] == pytest.approx(1.96 * (0.03125 / 2) ** 0.5)
     assert "hard_accuracy" not in heldout_summary([(1.0, None)], hard_min_difficulty=6)
+
+
+def test_logprob_gap_only_on_response_tokens():
+    import torch
+
+    from sage_megatron.algo.metrics_math import logprob_gap
+
+    engine = torch.tensor([[0.0, -1.0, -2.0], [0.0, -0.5, 9.0]])
+    actor = torch.tensor([[0.0, -1.5, -2.0], [0.0, -0.25, 0.0]])
+    mask = torch.tensor([[0, 1, 1], [0, 1, 0]])               # the 9.0 is padding: not counted
+    assert logprob_gap(engine, actor, mask) == {"logp_gap_mean": pytest.approx(0.25), "logp_gap_max": 0.5}
