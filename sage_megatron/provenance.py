@@ -26,8 +26,20 @@ def git_commit() -> str:
     return head + ("-dirty" if dirty else "")
 
 
+def default_command() -> str:
+    """This process's command line as a user would type it (``python -m pkg.mod`` for a module run)."""
+    argv0 = Path(sys.argv[0]).resolve() if sys.argv and sys.argv[0] else None
+    head = [Path(sys.executable).name]
+    if argv0 is not None and argv0.suffix == ".py" and (REPO / "sage_megatron") in argv0.parents:
+        module = ".".join(argv0.relative_to(REPO).with_suffix("").parts)
+        head += ["-m", module]
+    elif sys.argv:
+        head.append(sys.argv[0])
+    return shlex.join([*head, *sys.argv[1:]])
+
+
 def provenance(command: str | None = None) -> dict:
     """{"command", "commit", "cpu_count", "load_avg_1m", "date"} for a result written now."""
-    return {"command": command or shlex.join([Path(sys.executable).name, *sys.argv]),
+    return {"command": command or default_command(),
             "commit": git_commit(), "cpu_count": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2),
             "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
