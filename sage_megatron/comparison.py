@@ -107,7 +107,8 @@ def toy_comparison(out_dir: str | Path, *, config: str = "configs/toy.yaml", ove
     """GRPO and SAGE from the same start and seed; prints a table, writes out_dir/summary.json (path last)."""
     out = Path(out_dir)
     summary = run_algorithms(out, config=config, overrides=overrides, algorithms=("grpo", "sage"))
-    # mean step time = training wall time / steps; the median ratio is less sensitive to a noisy machine
+    # step_seconds is the mean of the per-step time/step records (evaluations and start-up excluded); the
+    # median ratio is less sensitive to a noisy machine
     # and to SAGE's one-off first-step warm-up (new prompt shapes and sampling settings in the engine)
     ratio = lambda key: summary["sage"][key] / max(summary["grpo"][key], 1e-9)  # noqa: E731
     summary["sage_over_grpo_time"] = ratio("step_seconds")
