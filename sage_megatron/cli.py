@@ -122,6 +122,10 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print(json.dumps(result, indent=1, default=str))
         print(Path(result["run_dir"]).absolute())
+        if result.get("preempted"):
+            from sage_megatron.preemption import PREEMPTED_EXIT
+
+            return PREEMPTED_EXIT
         return 0
     if a.command == "eval":
         from sage_megatron.config import ConfigError

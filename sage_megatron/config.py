@@ -46,6 +46,17 @@ class ParallelConfig:
 
 
 @dataclass(frozen=True)
+class ClusterConfig:
+    ranks_per_node: int = 0
+    """Trainer ranks per node, filled in rank order (a TP group stays in a node when this is a multiple
+    of tp; PP and DP cross nodes). 0: a node's GPU count on GPU; on CPU every rank on the first node."""
+    cpus_per_rank: float = 1.0
+    """Ray CPU slots one trainer rank takes from its node (GPU nodes: plus one GPU)."""
+    collective_timeout_s: int = 600
+    """torch.distributed collective timeout: a rank stuck this long in a collective fails the run."""
+
+
+@dataclass(frozen=True)
 class RolloutConfig:
     num_engines: int = 1
     """vLLM engines in the rollout pool (rank 0 owns it)."""
@@ -225,6 +236,7 @@ class LoggingConfig:
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -370,6 +382,11 @@ def validate(cfg: Config) -> None:
                         num_query_groups=p.tp)
     except LayoutError as e:
         problems.append(f"parallel: {e}")
+    need(cfg.cluster.ranks_per_node >= 0, f"cluster.ranks_per_node={cfg.cluster.ranks_per_node} must be >= 0 "
+         "(0 = a node's GPU count on GPU, every rank on one node on CPU)")
+    need(cfg.cluster.cpus_per_rank > 0, f"cluster.cpus_per_rank={cfg.cluster.cpus_per_rank} must be > 0")
+    need(cfg.cluster.collective_timeout_s >= 10,
+         f"cluster.collective_timeout_s={cfg.cluster.collective_timeout_s} must be >= 10")
     need(p.micro_batch_size >= 1, f"parallel.micro_batch_size={p.micro_batch_size} must be >= 1")
     need(r.group_size >= 2, f"rollout.group_size={r.group_size} must be >= 2 (GRPO needs a group to compare)")
     need(r.num_engines >= 1, f"rollout.num_engines={r.num_engines} must be >= 1")

@@ -61,6 +61,9 @@ def training_loop(t: "Trainer") -> dict:
         t.log(step, {**out.metrics, **step_group_metrics(out.groups), **t.solved.metrics(),
                      **logp_gap, **mean_of(updates, prefix="train/"), **timer.metrics(), **t.maybe_evaluate(step)})
         t.maybe_checkpoint(step)
+        if t.stop_requested():          # SIGTERM / Slurm's time-limit warning: save, exit for requeue
+            t.checkpoint_for_requeue(step)
+            break
     return t.finish()
 
 
@@ -97,7 +100,7 @@ class StepSampler:
 class Trainer:
     """Everything one rank holds. Rank 0 additionally holds pool, hinting, data, writer."""
 
-    def __init__(self, cfg: Config, paths: dict) -> None:
+    def __init__(self, cfg: Config, paths: dict, engine_ips: list[str] | None = None) -> None:
         import torch.distributed as dist
 
         from sage_megatron import checkpoint as ck
@@ -105,7 +108,10 @@ class Trainer:
         from sage_megatron.algo.metrics_math import SolvedTracker
         from sage_megatron.parallel.layout import ParallelLayout
 
-        self.cfg, self.paths = cfg, paths
+        from sage_megatron.preemption import stop_file
+
+        self.cfg, self.paths, self.engine_ips = cfg, paths, engine_ips
+        self.stop_file, self.preempted_at, self.saved_step = stop_file(cfg.run.dir), None, None
         self.rank = dist.get_rank()
         self.layout = ParallelLayout(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.dp)
         self.run_dir = Path(cfg.run.dir)
@@ -154,7 +160,7 @@ class Trainer:
                                 extra_llm_kwargs=(("enable_chunked_prefill", r.chunked_prefill),
                                                   ("max_num_batched_tokens", r.max_num_batched_tokens))),
             num_engines=r.num_engines, ray_address=r.ray_address, placement=r.placement,
-            cpus_per_engine=r.cpus_per_engine, verbose=False))
+            cpus_per_engine=r.cpus_per_engine, engine_ips=tuple(self.engine_ips or ()), verbose=False))
         tok = self.pool.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         self.encode = chat_encoder(tok)
@@ -247,11 +253,24 @@ class Trainer:
         return {f"eval/{k}": float(v) for k, v in point.items() if k not in ("k", "seconds")}
 
     def maybe_checkpoint(self, step: int) -> None:
+        every, last = self.cfg.run.checkpoint_every, step == self.cfg.run.steps
+        if (every and step % every == 0) or (last and self.cfg.run.export_hf):
+            self.save(step)
+
+    def stop_requested(self) -> bool:
+        """Whether a stop request exists (rank 0 looks, every rank gets the same answer)."""
+        return bool(self.broadcast(self.stop_file.exists() if self.rank == 0 else None))
+
+    def checkpoint_for_requeue(self, step: int) -> None:
+        if self.saved_step != step:
+            self.save(step)
+        self.preempted_at = step
+        if self.rank == 0:
+            print(f"[train] stop requested: checkpoint of step {step} saved, exiting for requeue", flush=True)
+
+    def save(self, step: int) -> None:
         from sage_megatron import checkpoint as ck
 
-        every, last = self.cfg.run.checkpoint_every, step == self.cfg.run.steps
-        if not ((every and step % every == 0) or (last and self.cfg.run.export_hf)):
-            return
         loop = None
         if self.rank == 0:
             loop = {"weight_version": self.state.weight_version, "evals": self.state.evals,
@@ -259,13 +278,14 @@ class Trainer:
                     "solved": self.solved.state_dict()}
         path = ck.save_checkpoint(self.ckpt_root, step, actor=self.actor, base_ckpt=self.paths["base_ckpt"],
                                   loop_state=loop, layout=self.layout, keep=self.cfg.run.keep_checkpoints)
-        self.last_checkpoint = path
+        self.last_checkpoint, self.saved_step = path, step
 
     def finish(self) -> dict:
         if self.rank != 0:
             return {}
         self.writer.close()
         return {"run_dir": str(self.run_dir), "steps": self.state.step, "evals": self.state.evals,
+                "preempted": self.preempted_at is not None,
                 "never_solved_share": self.solved.never_solved_share(), "resumed_from": self.resumed_from,
                 "train_seconds": time.perf_counter() - self.t_start}
 
@@ -274,13 +294,15 @@ class Trainer:
             self.pool.shutdown()
 
 
-def run_rank(cfg: Config, paths: dict) -> dict:
-    """One rank of the SPMD trainer (spawned by run_distributed, or one torchrun/srun task)."""
-    from sage_megatron.parallel.distributed import init_parallel
+def run_rank(cfg: Config, paths: dict, engine_ips: list[str] | None = None) -> dict:
+    """One rank of the SPMD trainer (a Ray rank actor, or one torchrun/srun task)."""
+    from sage_megatron.parallel.distributed import describe_rank, init_parallel
     from sage_megatron.parallel.layout import ParallelLayout
 
-    init_parallel(ParallelLayout(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.dp), seed=cfg.run.seed)
-    trainer = Trainer(cfg, paths)
+    init_parallel(ParallelLayout(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.dp), seed=cfg.run.seed,
+                  timeout_s=cfg.cluster.collective_timeout_s)
+    print(f"[actor] {describe_rank()}", flush=True)
+    trainer = Trainer(cfg, paths, engine_ips)
     try:
         return training_loop(trainer)
     finally:
@@ -338,17 +360,43 @@ def prepare(cfg: Config) -> dict:
 
 
 def train(cfg: Config) -> dict:
-    """Validate, prepare, run every rank; returns rank 0's result (run summary)."""
-    from sage_megatron.parallel.launch import launched_externally, run_distributed
+    """Validate, prepare, place every rank over the Ray cluster and run it; returns rank 0's result."""
+    from sage_megatron.parallel.launch import launched_externally
+    from sage_megatron.preemption import stop_file, stop_on_signals
 
-    paths = prepare(cfg)
+    stop_file(cfg.run.dir).unlink(missing_ok=True)     # a request that the previous (requeued) run acted on
     if launched_externally():
-        return run_rank(cfg, paths)
-    world = cfg.parallel.tp * cfg.parallel.pp * cfg.parallel.dp
-    result = run_distributed(run_rank, world_size=world, args=(cfg, paths))[0]
-    if cfg.run.export_hf:
+        paths = prepare(cfg)
+        with stop_on_signals(stop_file(cfg.run.dir)):
+            return run_rank(cfg, paths)
+    validate(cfg)
+    result = run_on_cluster(cfg)
+    if cfg.run.export_hf and not result["preempted"]:
         from sage_megatron.checkpoint import export_hf, latest_checkpoint
 
         result["hf_export"] = str(export_hf(latest_checkpoint(Path(cfg.run.dir) / "checkpoints"),
                                             Path(cfg.run.dir) / "hf"))
     return result
+
+
+def run_on_cluster(cfg: Config) -> dict:
+    """Plan ranks and engines over the Ray cluster's nodes (one ledger, refused before anything starts when
+    it does not fit), prepare the inputs, then run ``run_rank`` on a Ray actor per rank; rank 0's result."""
+    import math
+
+    from sage_megatron.cluster import plan_cluster
+    from sage_megatron.preemption import stop_file, stop_on_signals
+    from sage_megatron.rank_actors import cluster_device, ray_cluster, run_on_ranks, say
+
+    p, c, r = cfg.parallel, cfg.cluster, cfg.rollout
+    world = p.tp * p.pp * p.dp
+    local_cpus = math.ceil(world * c.cpus_per_rank + r.num_engines * r.cpus_per_engine)
+    # (stop handlers after ray.init, which installs its own SIGTERM handler)
+    with ray_cluster(r.ray_address, local_cpus=local_cpus) as nodes, stop_on_signals(stop_file(cfg.run.dir)):
+        plan = plan_cluster(world_size=world, nodes=nodes, device=cluster_device(), ranks_per_node=c.ranks_per_node,
+                            cpus_per_rank=c.cpus_per_rank, num_engines=r.num_engines, cpus_per_engine=r.cpus_per_engine,
+                            placement=r.placement)
+        for line in plan.lines():
+            say(line)
+        paths = prepare(cfg)
+        return run_on_ranks(run_rank, (cfg, paths, plan.engine_ips()), plan=plan)[0]

@@ -16,8 +16,8 @@ def init_parallel(layout: ParallelLayout, *, seed: int = 1234, timeout_s: int = 
     from megatron.core import parallel_state, tensor_parallel
 
     on_gpu = cuda_available()
-    if on_gpu:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if on_gpu:   # a Ray rank actor sees its one GPU as device 0; a torchrun rank sees the node's GPUs
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
     else:
         apply_cpu_shims()
     if not dist.is_initialized():
@@ -33,6 +33,18 @@ def init_parallel(layout: ParallelLayout, *, seed: int = 1234, timeout_s: int = 
         pipeline_model_parallel_size=layout.pp,
     )
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def describe_rank() -> str:
+    """``rank R (tp T, pp P, dp D) on HOST (IP)``: this process's place in the layout and the cluster."""
+    import socket
+
+    from megatron.core import parallel_state as ps
+
+    host = socket.gethostname()
+    ip = os.environ.get("SAGE_NODE_IP") or socket.gethostbyname(host)
+    return (f"rank {dist.get_rank()} (tp {ps.get_tensor_model_parallel_rank()}, "
+            f"pp {ps.get_pipeline_model_parallel_rank()}, dp {ps.get_data_parallel_rank()}) on {host} ({ip})")
 
 
 def destroy_parallel() -> None:

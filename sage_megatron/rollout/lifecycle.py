@@ -9,7 +9,8 @@ from typing import Any
 
 from sage_megatron.procs import proc_start_time
 from sage_megatron.rollout.errors import RolloutEngineError, short_error
-from sage_megatron.rollout.placement import alive_nodes, announce, cluster_lines, cpu_bind_plan, plan_placement
+from sage_megatron.rollout.placement import (alive_nodes, announce, cluster_lines, cpu_bind_plan, pinned_placement,
+                                             plan_placement)
 from sage_megatron.rollout.vllm_engine import VLLMEngine
 from sage_megatron.rollout.weight_transport import DEFAULT_BUCKET_BYTES, CpuObjectStoreTransport, iter_buckets
 
@@ -56,16 +57,20 @@ class EngineLifecycle:
         else:
             per_engine, bundle = 1, {"CPU": cfg.cpus_per_engine}
         nodes = alive_nodes(ray.nodes())
-        plan = plan_placement(cfg.placement, num_engines=cfg.num_engines, bundles_per_engine=per_engine,
-                              bundle=bundle, nodes=nodes)
+        if cfg.engine_ips:
+            plan = pinned_placement(cfg.engine_ips, bundles_per_engine=per_engine, bundle=bundle, nodes=nodes)
+        else:
+            plan = plan_placement(cfg.placement, num_engines=cfg.num_engines, bundles_per_engine=per_engine,
+                                  bundle=bundle, nodes=nodes)
         self._placement = plan
         if cfg.show_placement:
             for line in cluster_lines(ray.nodes()):
                 announce(line)
             announce(f"placement {plan.placement} (asked: {cfg.placement}): {cfg.num_engines} engine(s), "
                       f"Ray strategy {plan.strategy}"
-                      + (f", engine k on node {', '.join(n['ip'] for n in plan.nodes)} round-robin"
-                         if plan.nodes else ""))
+                      + (f", engine k on node {', '.join(n['ip'] for n in plan.engine_nodes)}"
+                         if plan.placement == "planned" else
+                         f", engine k on node {', '.join(n['ip'] for n in plan.nodes)} round-robin" if plan.nodes else ""))
         pg = placement_group(plan.bundles, strategy=plan.strategy)
         try:
             ray.get(pg.ready(), timeout=cfg.start_timeout_s)
@@ -123,7 +128,8 @@ class EngineLifecycle:
                 if now - s.started_at > self.config.start_timeout_s:
                     raise RolloutEngineError(
                         f"engine {s.index} not ready after {self.config.start_timeout_s:.0f} s (start_timeout_s); "
-                        f"rerun with ray_log_to_driver=True to see its vLLM output")
+                        f"its vLLM output is in sage-engine-{s.index}-*.log under Ray's session logs folder "
+                        f"(/tmp/ray/session_latest/logs)")
 
     def _on_started(self, slot: EngineSlot) -> None:
         import ray

@@ -12,7 +12,7 @@ PLACEMENTS = ("auto", "pack", "spread")
 class PlacementPlan:
     """The placement group to ask Ray for, and which node each engine is pinned to (if any)."""
 
-    placement: str                  # resolved: "pack" | "spread"
+    placement: str                  # resolved: "pack" | "spread" | "planned" (nodes given by the trainer's plan)
     strategy: str                   # Ray placement-group strategy
     bundles: list[dict[str, float]]
     engine_nodes: list[dict | None]  # per engine: the node it is pinned to (None = Ray chooses)
@@ -80,6 +80,18 @@ def plan_placement(placement: str, *, num_engines: int, bundles_per_engine: int,
     bundles = [{**bundle, f"node:{n['ip']}": 0.001} for n in engine_nodes for _ in range(bundles_per_engine)]
     # The pins decide; SPREAD (soft) never contradicts them, STRICT_SPREAD would split an engine's TP bundles.
     return PlacementPlan("spread", "SPREAD", bundles, engine_nodes)
+
+
+def pinned_placement(engine_ips: Sequence[str], *, bundles_per_engine: int, bundle: dict[str, float],
+                     nodes: Sequence[dict]) -> PlacementPlan:
+    """Engine k on the node whose address is ``engine_ips[k]`` (a plan made with the trainer's ranks)."""
+    by_ip = {n["ip"]: n for n in nodes}
+    missing = [ip for ip in engine_ips if ip not in by_ip]
+    if missing:
+        raise ValueError(f"engine node(s) {missing} are not alive Ray nodes ({sorted(by_ip)})")
+    engine_nodes = [by_ip[ip] for ip in engine_ips]
+    bundles = [{**bundle, f"node:{ip}": 0.001} for ip in engine_ips for _ in range(bundles_per_engine)]
+    return PlacementPlan("planned", "SPREAD", bundles, engine_nodes)
 
 
 def cluster_lines(ray_nodes: Sequence[dict]) -> list[str]:

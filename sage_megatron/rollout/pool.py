@@ -87,6 +87,9 @@ class RolloutPoolConfig:
     """Where the engines go: "pack" (Ray's PACK strategy), "spread" (engine k pinned to the k-th
     alive node, head first, round-robin), "auto" (spread when the cluster has more than one alive
     node, else pack). See ``plan_placement``."""
+    engine_ips: tuple[str, ...] = ()
+    """The node (Ray address) of each engine, decided with the trainer's ranks in one ledger
+    (``sage_megatron.cluster``); when set it replaces ``placement``."""
     show_placement: bool = True
     """Print the Ray cluster's nodes and each engine's node ("[rollout] ..." lines), even when not verbose."""
     ray_num_cpus: int | None = None
@@ -182,7 +185,7 @@ class RolloutPool(EngineLifecycle):
             self.transport = make_transport(config.transport, device=self.device,
                                             tensor_parallel_size=config.engine.tensor_parallel_size)
             self._engine_cfg = replace(
-                config.engine, device=self.device,
+                config.engine, device=self.device, own_log=not config.ray_log_to_driver,
                 weight_transfer_backend=vllm_weight_transfer_backend(self._transport_name))
             self._cpu_binds = self._plan_cpu_binding()
             self._pg = self._make_placement_group()

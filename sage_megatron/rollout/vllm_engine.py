@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import sys
 import threading
 import time
 import traceback
@@ -65,6 +66,9 @@ class EngineConfig:
     """GPU transports: vLLM's native weight-transfer backend ("nccl" or "ipc"); None on CPU."""
     max_num_seqs: int | None = None
     """Cap on sequences decoded together (None: vLLM's default)."""
+    own_log: bool = True
+    """Write this engine's (and its vLLM processes') output to ``sage-engine-K.log`` in Ray's log
+    folder instead of the Ray worker's stdout, which a driver with log_to_driver would print."""
     extra_llm_kwargs: tuple[tuple[str, Any], ...] = ()
     """Further ``vllm.LLM`` keyword arguments, as (name, value) pairs."""
 
@@ -103,6 +107,8 @@ class VLLMEngine:
         self._updating = False
         self._native_session = False
         self._remote_workers = False
+        if config.own_log:
+            _write_output_to_own_log(engine_index)
 
     # ------------------------------------------------------------------ start-up / introspection
     def start(self) -> dict[str, Any]:
@@ -455,3 +461,21 @@ def _node_id() -> str | None:
         return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
     except Exception:
         return None
+
+
+def _write_output_to_own_log(engine_index: int) -> None:
+    """Point this process's stdout/stderr (inherited by vLLM's worker processes) at its own file in Ray's
+    session log folder; the trainer's driver then forwards rank output only."""
+    import ray
+
+    try:
+        logs = ray._private.worker._global_node.get_logs_dir_path()   # noqa: SLF001 (no public accessor)
+    except AttributeError:
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    fd = os.open(os.path.join(logs, f"sage-engine-{engine_index}-{os.getpid()}.log"),
+                 os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)

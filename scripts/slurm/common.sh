@@ -33,7 +33,9 @@
 #   SAGE_NODE_IFNAME        interface whose IPv4 address is a node's Ray/torch address
 #                           [$GLOO_SOCKET_IFNAME if it names one interface]
 #   SAGE_RAY_PORT           Ray GCS port on the head [6379]
-#   SAGE_RAY_TMPDIR         Ray temp dir on every node [Ray's default, /tmp/ray]
+#   SAGE_RAY_TMPDIR         Ray temp dir: the head's; a worker node uses SAGE_RAY_TMPDIR/<node>, so that
+#                           nodes sharing a file system (the test cluster's emulated nodes) never share
+#                           Ray's session logs, which each node's log monitor forwards [Ray's default, /tmp/ray]
 #   SAGE_RAY_START_ARGS     extra `ray start` arguments, e.g. "--num-gpus=8 --object-store-memory=..." []
 #   SAGE_RAY_DASHBOARD      start Ray's dashboard on the head (true/false) [false]
 #   SAGE_RAY_AUTH           Ray token authentication: token | disabled [token: RAY_AUTH_TOKEN or
@@ -214,11 +216,15 @@ sage_ray_up() {
     sage_log "Ray head up after $((SECONDS - t0)) s"
 
     for node in "${SAGE_NODES[@]:1}"; do
+        local worker_extra=() arg
+        for arg in "${extra[@]}"; do
+            case "$arg" in --temp-dir=*) worker_extra+=("$arg/$node") ;; *) worker_extra+=("$arg") ;; esac
+        done
         # Each worker finds its own IP on its node, then joins the head.
         # shellcheck disable=SC2016  # expanded by the bash on the worker node, not here
         sage_bg "Ray worker on $node" "$SAGE_LOG_DIR/ray-worker-$node.log" \
             "${SAGE_SRUN[@]}" -w "$node" bash -c 'ip=$(sage_node_ip) || exit 1; exec ray start --block --address="$0" --node-ip-address="$ip" "$@"' \
-            "$RAY_ADDRESS" --disable-usage-stats "${extra[@]}"
+            "$RAY_ADDRESS" --disable-usage-stats "${worker_extra[@]}"
     done
 
     want=${#SAGE_NODES[@]}

@@ -80,6 +80,111 @@ def test_train_job_real_trainer_two_steps_on_two_nodes(slurm_cluster, tmp_path):
     assert "step 2/2" in log
 
 
+def train_records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def numeric_metrics(rec: dict) -> dict[str, float]:
+    """Every metric of a step except timings (and the engines' wall-clock-free figures are kept)."""
+    return {k: v for k, v in rec.items() if not k.startswith("time/")}
+
+
+@pytest.mark.parametrize("layout", [
+    "tp",
+    pytest.param("pp", marks=pytest.mark.slow),
+    pytest.param("dp", marks=pytest.mark.slow),
+])
+def test_actor_across_two_nodes_equals_the_same_run_on_one_node(slurm_cluster, tmp_path, layout):
+    """train.sbatch, unchanged: the 2 trainer ranks placed one per node (cluster.ranks_per_node=1), then both
+    on the head node (=2); 2 SAGE steps each with one engine. Every rank logs where it runs, and each step's
+    losses, grad norm, KL and entropy (non-zero: entropy and KL coefficients on, so the update is not the
+    all-zero-advantage one of a random model) agree within 1e-6 between the two placements."""
+    results = {}
+    for per_node in (1, 2):
+        run = tmp_path / f"run{per_node}"
+        env = real_trainer_env(tmp_path / f"j{per_node}", run_dir=run, engines=1)
+        env["SAGE_OVERRIDES"] += (f" parallel.{layout}=2 cluster.ranks_per_node={per_node} algorithm.entropy_coef=0.01"
+                                  " algorithm.kl_coef=0.01")
+        if layout == "dp":
+            env["SAGE_OVERRIDES"] += " parallel.micro_batch_size=4"
+        info, log = run_job(slurm_cluster, "train.sbatch", tmp_path, env=env, sbatch_args=("-N", "2"), timeout=600)
+        assert (info.state, info.exit_code) == ("COMPLETED", 0), f"{info}\n{log}"
+        ranks = dict(re.findall(r"\[actor\] rank (\d) \(tp \d, pp \d, dp \d\) on (\S+) \(", log))
+        want = {"0": "sgnode1", "1": "sgnode2"} if per_node == 1 else {"0": "sgnode1", "1": "sgnode1"}
+        assert ranks == want, log
+        results[per_node] = [numeric_metrics(r) for r in train_records(run)]
+    spread, packed = results[1], results[2]
+    assert [r["step"] for r in spread] == [1, 2] == [r["step"] for r in packed]
+    assert all(abs(r["train/loss"]) > 1e-4 and r["train/grad_norm"] > 1e-4 for r in spread)
+    for a, b in zip(spread, packed):
+        assert a.keys() == b.keys()
+        diffs = {k: abs(a[k] - b[k]) for k in a if isinstance(a[k], (int, float))}
+        assert max(diffs.values()) <= 1e-6, sorted(diffs.items(), key=lambda kv: -kv[1])[:5]
+        print(f"{layout}=2 step {a['step']}: loss {a['train/loss']:+.6e} grad norm {a['train/grad_norm']:.6e}, "
+              f"max |diff| over {len(diffs)} metrics {max(diffs.values()):.1e}")
+
+
+def test_layout_that_cannot_fit_is_refused_with_the_numbers(slurm_cluster, tmp_path):
+    """4 ranks at one per node on a 2-node job: refused before any rank or engine starts."""
+    env = real_trainer_env(tmp_path, run_dir=tmp_path / "run", engines=1)
+    env["SAGE_OVERRIDES"] += " parallel.tp=2 parallel.dp=2 cluster.ranks_per_node=1"
+    t0 = time.monotonic()
+    job = submit(slurm_cluster, "train.sbatch", tmp_path, env=env, sbatch_args=("-N", "2"))
+    info = slurm_cluster.wait_job(job, timeout=120)
+    log = job_log(tmp_path, job)
+    assert info.state == "FAILED", f"{info}\n{log}"
+    assert "4 trainer ranks at cluster.ranks_per_node=1 need 4 nodes, the Ray cluster has 2 (sgnode1, sgnode2)" in log
+    assert "[actor] rank" not in log and "[rollout] engine" not in log
+    print(f"refused after {time.monotonic() - t0:.1f} s from submission")
+    assert time.monotonic() - t0 < 90   # job start-up (Ray on both nodes) included; the refusal itself is seconds
+
+
+@pytest.mark.slow
+def test_usr1_checkpoints_requeues_and_resumes_like_an_uninterrupted_run(slurm_cluster, tmp_path):
+    """6 steps, no periodic checkpoint (checkpoint_every larger than the run); USR1 to the batch shell
+    (as Slurm's --signal=B:USR1 time-limit warning sends it) after step 3: the trainer checkpoints at the
+    next step boundary and exits 75, the script requeues the job, the requeued job resumes there and
+    completes. Each step is logged once and equals the uninterrupted run on every non-timing metric."""
+    import subprocess
+
+    def env_for(run: Path, sub: str) -> dict[str, str]:
+        env = real_trainer_env(tmp_path / sub, run_dir=run, engines=1, steps=6)
+        env["SAGE_OVERRIDES"] = env["SAGE_OVERRIDES"].replace("run.checkpoint_every=0", "run.checkpoint_every=100")
+        env["SAGE_OVERRIDES"] += " algorithm.entropy_coef=0.01 algorithm.kl_coef=0.01"
+        return env
+
+    run = tmp_path / "interrupted"
+    job = submit(slurm_cluster, "train.sbatch", tmp_path, env=env_for(run, "a"), sbatch_args=("-N", "2"))
+    deadline = time.monotonic() + 400
+    while not ((run / "metrics.jsonl").exists() and len(train_records(run)) >= 3):
+        assert time.monotonic() < deadline and not slurm_cluster.job_info(job).finished, job_log(tmp_path, job)
+        time.sleep(0.5)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True, env=slurm_cluster.env)
+    t_signal = time.monotonic()
+    while "REQUEUE" not in slurm_cluster.job_info(job).state and slurm_cluster.job_info(job).state != "PENDING":
+        assert time.monotonic() - t_signal < 120, f"{slurm_cluster.job_info(job)}\n{job_log(tmp_path, job)}"
+        time.sleep(0.5)
+    stopped_at = max(int(p.name.split("_")[1]) for p in (run / "checkpoints").glob("step_*"))
+    assert stopped_at in (3, 4), stopped_at
+    info = slurm_cluster.wait_job(job, timeout=900)        # Slurm's requeue delay, then the resumed run
+    log = job_log(tmp_path, job)                           # the requeued run's output (the file is rewritten)
+    assert (info.state, info.exit_code) == ("COMPLETED", 0), f"{info}\n{log}"
+    assert f"step_{stopped_at:06d}" in log                  # resumed from the checkpoint the signal wrote
+    interrupted = train_records(run)
+    assert [r["step"] for r in interrupted] == [1, 2, 3, 4, 5, 6]
+    print(f"USR1 after step 3: checkpoint of step {stopped_at}, requeued, resumed, steps 1-6 logged once")
+
+    straight = tmp_path / "straight"
+    info, log = run_job(slurm_cluster, "train.sbatch", tmp_path, env=env_for(straight, "b"), sbatch_args=("-N", "2"),
+                        timeout=600)
+    assert (info.state, info.exit_code) == ("COMPLETED", 0), f"{info}\n{log}"
+    for a, b in zip(interrupted, train_records(straight)):
+        a, b = numeric_metrics(a), numeric_metrics(b)
+        diffs = {k: abs(a[k] - b[k]) for k in a if isinstance(a[k], (int, float)) and "logp_gap" not in k}
+        assert abs(a["rollout/logp_gap_max"] - b["rollout/logp_gap_max"]) <= 1e-4   # engines restarted on resume
+        assert a.keys() == b.keys() and max(diffs.values()) <= 1e-6, (a["step"], sorted(diffs.items(), key=lambda kv: -kv[1])[:5])
+
+
 def test_failing_train_step_fails_the_job(slurm_cluster, tmp_path):
     info, log = run_job(slurm_cluster, "train.sbatch", tmp_path,
                         env={"SAGE_TRAIN_CMD": PROBE + " --fail-with 3"})
