@@ -3,9 +3,10 @@
     sage-megatron train --config configs/toy.yaml algorithm.name=sage run.steps=8
     sage-megatron toy                      # GRPO vs SAGE from the same start, comparison table
 
-The parent process validates the config, resolves the model (the cached pretrained toy policy or an
-HF folder), converts it once to a Megatron dist checkpoint (cached by content), then runs
-``run_rank`` on tp*pp*dp gloo/NCCL ranks (or in place under torchrun/srun). Every rank runs the same
+The driver validates the config, joins (or starts) Ray and plans every rank and engine over its nodes
+(``cluster.py``; refused there when it does not fit), resolves the model (the cached pretrained toy
+policy or an HF folder), converts it once to a Megatron dist checkpoint (cached by content), then runs
+``run_rank`` on tp*pp*dp Ray rank actors (``rank_actors.py``; in place under torchrun/srun). Every rank runs the same
 loop; global rank 0 also owns the rollout pool (Ray + vLLM), the reward, the hinting strategy, the
 data iterator and the metrics writer, and broadcasts each step's groups to the other ranks.
 
