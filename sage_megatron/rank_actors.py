@@ -78,12 +78,6 @@ def ray_cluster(address: str | None, *, local_cpus: int):
             ray.shutdown()
 
 
-def cluster_device() -> str:
-    import ray
-
-    return "cuda" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
-
-
 def gloo_interface(ip: str) -> str | None:
     """The network interface that carries ``ip`` on this node (gloo pairs over it), if any."""
     import psutil

@@ -387,14 +387,15 @@ def run_on_cluster(cfg: Config) -> dict:
 
     from sage_megatron.cluster import plan_cluster
     from sage_megatron.preemption import stop_file, stop_on_signals
-    from sage_megatron.rank_actors import cluster_device, ray_cluster, run_on_ranks, say
+    from sage_megatron.rank_actors import ray_cluster, run_on_ranks, say
+    from sage_megatron.rollout.placement import ray_cluster_device
 
     p, c, r = cfg.parallel, cfg.cluster, cfg.rollout
     world = p.tp * p.pp * p.dp
     local_cpus = math.ceil(world * c.cpus_per_rank + r.num_engines * r.cpus_per_engine)
     # (stop handlers after ray.init, which installs its own SIGTERM handler)
     with ray_cluster(r.ray_address, local_cpus=local_cpus) as nodes, stop_on_signals(stop_file(cfg.run.dir)):
-        plan = plan_cluster(world_size=world, nodes=nodes, device=cluster_device(), ranks_per_node=c.ranks_per_node,
+        plan = plan_cluster(world_size=world, nodes=nodes, device=ray_cluster_device(), ranks_per_node=c.ranks_per_node,
                             cpus_per_rank=c.cpus_per_rank, num_engines=r.num_engines, cpus_per_engine=r.cpus_per_engine,
                             placement=r.placement)
         for line in plan.lines():

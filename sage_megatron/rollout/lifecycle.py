@@ -10,7 +10,7 @@ from typing import Any
 from sage_megatron.procs import proc_start_time
 from sage_megatron.rollout.errors import RolloutEngineError, short_error
 from sage_megatron.rollout.placement import (alive_nodes, announce, cluster_lines, cpu_bind_plan, pinned_placement,
-                                             plan_placement)
+                                             plan_placement, ray_cluster_device)
 from sage_megatron.rollout.vllm_engine import VLLMEngine
 from sage_megatron.rollout.weight_transport import DEFAULT_BUCKET_BYTES, CpuObjectStoreTransport, iter_buckets
 
@@ -36,9 +36,7 @@ class EngineLifecycle:
         dev = self.config.engine.device
         if dev in ("cpu", "cuda"):
             return dev
-        import ray
-
-        return "cuda" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
+        return ray_cluster_device()
 
     def _plan_cpu_binding(self) -> list[str | None]:
         cfg = self.config

@@ -35,6 +35,13 @@ def ray_address_to_join(configured: str | None, environ: Mapping[str, str]) -> s
     return configured or environ.get("RAY_ADDRESS") or None
 
 
+def ray_cluster_device() -> str:
+    """"cuda" when the joined Ray cluster has GPUs, else "cpu" (the one device check over Ray)."""
+    import ray
+
+    return "cuda" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
+
+
 def alive_nodes(ray_nodes: Sequence[dict]) -> list[dict]:
     """``ray.nodes()`` -> the alive nodes as ``{node_id, ip, hostname, head, cpus, gpus}``, head node
     first, then by IP (the order "spread" assigns engines in)."""
