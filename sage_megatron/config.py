@@ -31,6 +31,20 @@ class ModelConfig:
     """Actor parameter/compute dtype ("float32", "bfloat16")."""
     cache_dir: str = "runs/cache"
     """Where the toy policy and converted Megatron checkpoints are cached."""
+    use_te: bool = False
+    """Transformer Engine layer spec (GPU nodes with TE, e.g. the NGC PyTorch container); false = megatron's
+    local spec. The dist checkpoints are the same either way (TE key names)."""
+    fp8: Literal["e4m3", "hybrid"] | None = None
+    """FP8 GEMMs (needs use_te and dtype bfloat16, Hopper or newer): e4m3, or hybrid (e4m3 forward, e5m2
+    gradients); null = off."""
+    fp8_recipe: Literal["delayed", "tensorwise", "blockwise"] = "delayed"
+    """FP8 scaling recipe: delayed (amax history), tensorwise (current scaling), blockwise (1x128 / 128x128)."""
+    fp8_amax_history_len: int = 1024
+    """FP8 delayed recipe: amax history length."""
+    fp8_amax_compute_algo: Literal["max", "most_recent"] = "max"
+    """FP8 delayed recipe: how the scale is computed from the amax history."""
+    fp8_param: bool = False
+    """Keep the parameters themselves in FP8 (Transformer Engine's FP8 parameter storage; saves memory)."""
 
 
 @dataclass(frozen=True)
@@ -87,6 +101,11 @@ class RolloutConfig:
     when a SEEDED request's prefill is split across steps, and the trainer seeds every request."""
     max_num_batched_tokens: int = 16384
     """vLLM scheduler token budget per step (>= max_model_len when chunked prefill is off)."""
+    transport: Literal["auto", "nccl", "ipc", "cpu"] = "auto"
+    """How weights reach the engines each step: nccl (vLLM's NCCL broadcast, engines on their own GPUs), ipc
+    (CUDA IPC handles, engines colocated on the trainer's GPUs), cpu (Ray object store + /dev/shm, any
+    engines); auto = cpu without CUDA, nccl with disaggregated engines (the placement used today), ipc when
+    colocated."""
 
 
 @dataclass(frozen=True)
@@ -420,10 +439,65 @@ def validate(cfg: Config) -> None:
     need(run.steps >= 1, f"run.steps={run.steps} must be >= 1")
     need(run.checkpoint_every >= 0, f"run.checkpoint_every={run.checkpoint_every} must be >= 0")
     need(run.keep_checkpoints >= 1, f"run.keep_checkpoints={run.keep_checkpoints} must be >= 1")
+    problems.extend(_precision_problems(cfg.model))
     need(cfg.model.hf_dir in ("toy", "smollm2") or (Path(cfg.model.hf_dir) / "config.json").is_file(),
          f"model.hf_dir={cfg.model.hf_dir!r} has no config.json (an HF checkpoint folder, or 'toy' or 'smollm2')")
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
+def fp8_options(m: ModelConfig):
+    """The actor's FP8 settings from ``model.fp8*`` (None when FP8 is off)."""
+    from sage_megatron.parallel.precision import Fp8Options
+
+    if m.fp8 is None:
+        return None
+    return Fp8Options(format=m.fp8, recipe=m.fp8_recipe, amax_history_len=m.fp8_amax_history_len,
+                      amax_compute_algo=m.fp8_amax_compute_algo, fp8_param=m.fp8_param)
+
+
+def _precision_problems(m: ModelConfig) -> list[str]:
+    """model.dtype / use_te / fp8* combinations that cannot run (the same checks as the model build)."""
+    from sage_megatron.parallel.precision import parse_dtype, precision_config_kwargs
+
+    try:
+        dtype = parse_dtype(m.dtype)
+    except ValueError as e:
+        return [f"model.dtype: {e}"]
+    problems = [] if m.fp8_amax_history_len >= 1 else [f"model.fp8_amax_history_len={m.fp8_amax_history_len} must be >= 1"]
+    try:
+        precision_config_kwargs(dtype=dtype, fp8=fp8_options(m), use_te=m.use_te)
+    except ValueError as e:
+        problems.append(f"model.fp8={m.fp8}: {e}")
+    return problems
+
+
+def validate_for_device(cfg: Config, device: str, *, colocated: bool = False) -> None:
+    """What the cluster's device kind rules out ("cpu": no GPU in the Ray cluster), before anything starts.
+
+    ``colocated``: engines share the trainer ranks' GPUs (the planner places them apart today).
+    """
+    from sage_megatron.parallel.precision import transformer_engine_available
+    from sage_megatron.rollout.weight_transport import TransportConfig, select_transport
+
+    problems = []
+    m = cfg.model
+    if device == "cpu":
+        if m.use_te:
+            problems.append("model.use_te=true needs GPU nodes with Transformer Engine, and this Ray cluster has no "
+                            "GPU: set model.use_te=false (megatron's local spec runs on CPU)")
+        if m.fp8:
+            problems.append(f"model.fp8={m.fp8} needs Hopper-class GPUs and this Ray cluster has no GPU: "
+                            "set model.fp8=null")
+    elif m.use_te and not transformer_engine_available():
+        problems.append("model.use_te=true but transformer_engine.pytorch does not import on this node: run in "
+                        "the NGC PyTorch container (or install the gpu extra), or set model.use_te=false")
+    try:
+        select_transport(TransportConfig(kind=cfg.rollout.transport, colocated=colocated), device=device)
+    except ValueError as e:
+        problems.append(f"rollout.transport={cfg.rollout.transport}: {e}")
+    if problems:
+        raise ConfigError(f"invalid configuration for this {device.upper()} cluster:\n  - " + "\n  - ".join(problems))
 
 
 def validate_for_model(cfg: Config, hf_dir: str | Path) -> None:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from sage_megatron.config import Config, validate, validate_for_model
+from sage_megatron.config import Config, fp8_options, validate, validate_for_device, validate_for_model
 from sage_megatron.metrics import EVALS_FILE
 from sage_megatron.run_inputs import (converted_checkpoint, load_eval_rows, load_train_rows, resolve_model,
                                        template_dir, toy_data_paths, train_data_path)
@@ -123,7 +123,7 @@ class Trainer:
             ckpt_dir=str(resume_from or paths["base_ckpt"]), layout=self.layout, dtype=cfg.model.dtype, lr=o.lr,
             weight_decay=o.weight_decay, grad_clip=o.grad_clip, micro_batch_size=cfg.parallel.micro_batch_size,
             clip_low=a.clip_low, clip_high=a.clip_high, clip_c=a.clip_c, kl_coef=a.kl_coef, kl_kind=a.kl_kind,
-            entropy_coef=a.entropy_coef, loss_agg=a.loss_agg)
+            entropy_coef=a.entropy_coef, loss_agg=a.loss_agg, use_te=cfg.model.use_te, fp8=fp8_options(cfg.model))
         self.actor = MegatronActor(actor_cfg)
         self.ref = build_reference(replace(actor_cfg, ckpt_dir=str(paths["base_ckpt"])))
         self.state, self.solved = LoopState(), SolvedTracker()
@@ -152,6 +152,7 @@ class Trainer:
         from sage_megatron.rollout.pool import RolloutPoolConfig
         from sage_megatron.rollout.vllm_engine import EngineConfig
         from sage_megatron.rollout.weight_sync import start_rollout_pool_in_trainer
+        from sage_megatron.rollout.weight_transport import TransportConfig
         from sage_megatron.tasks.data import EpochIterator
 
         cfg, r = self.cfg, self.cfg.rollout
@@ -161,7 +162,8 @@ class Trainer:
                                 extra_llm_kwargs=(("enable_chunked_prefill", r.chunked_prefill),
                                                   ("max_num_batched_tokens", r.max_num_batched_tokens))),
             num_engines=r.num_engines, ray_address=r.ray_address, placement=r.placement,
-            cpus_per_engine=r.cpus_per_engine, engine_ips=tuple(self.engine_ips or ()), verbose=False))
+            cpus_per_engine=r.cpus_per_engine, engine_ips=tuple(self.engine_ips or ()), verbose=False,
+            transport=TransportConfig(kind=r.transport, colocated=False)))
         tok = self.pool.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         self.encode = chat_encoder(tok)
@@ -395,7 +397,9 @@ def run_on_cluster(cfg: Config) -> dict:
     local_cpus = math.ceil(world * c.cpus_per_rank + r.num_engines * r.cpus_per_engine)
     # (stop handlers after ray.init, which installs its own SIGTERM handler)
     with ray_cluster(r.ray_address, local_cpus=local_cpus) as nodes, stop_on_signals(stop_file(cfg.run.dir)):
-        plan = plan_cluster(world_size=world, nodes=nodes, device=ray_cluster_device(), ranks_per_node=c.ranks_per_node,
+        device = ray_cluster_device()
+        validate_for_device(cfg, device)   # engines are placed apart from the ranks: not colocated
+        plan = plan_cluster(world_size=world, nodes=nodes, device=device, ranks_per_node=c.ranks_per_node,
                             cpus_per_rank=c.cpus_per_rank, num_engines=r.num_engines, cpus_per_engine=r.cpus_per_engine,
                             placement=r.placement)
         for line in plan.lines():

@@ -71,3 +71,62 @@ def test_cli_reports_config_errors_before_starting(capsys):
 
     assert main(["train", "--config", "configs/toy.yaml", "run.bogus=1"]) == 2
     assert "unknown key run.bogus" in capsys.readouterr().err
+
+
+def test_precision_keys_reach_the_actor_options_and_bad_combinations_are_refused():
+    from sage_megatron.config import fp8_options
+    from sage_megatron.parallel.precision import Fp8Options
+
+    cfg = load_config(None, ["model.use_te=true", "model.dtype=bfloat16", "model.fp8=hybrid",
+                             "model.fp8_recipe=delayed", "model.fp8_amax_history_len=16", "model.fp8_param=true"])
+    validate(cfg)
+    assert fp8_options(cfg.model) == Fp8Options(format="hybrid", recipe="delayed", amax_history_len=16,
+                                                fp8_param=True)
+    assert fp8_options(Config().model) is None
+    with pytest.raises(ConfigError, match=r"model\.fp8=e4m3: FP8 needs the Transformer Engine.*model\.use_te=true"):
+        validate(load_config(None, ["model.dtype=bfloat16", "model.fp8=e4m3"]))
+    with pytest.raises(ConfigError, match=r"model\.fp8=e4m3: .*set dtype=bfloat16 \(model\.dtype\)"):
+        validate(load_config(None, ["model.use_te=true", "model.fp8=e4m3"]))
+    with pytest.raises(ConfigError, match=r"model\.fp8"):
+        load_config(None, ["model.fp8=e5m2"])
+    with pytest.raises(ConfigError, match=r"rollout\.transport"):
+        load_config(None, ["rollout.transport=gloo"])
+
+
+@pytest.mark.parametrize(("overrides", "device", "match"), [
+    (["model.use_te=true"], "cpu", r"model\.use_te=true needs GPU nodes.*set model\.use_te=false"),
+    (["model.use_te=true", "model.dtype=bfloat16", "model.fp8=e4m3"], "cpu", r"model\.fp8=e4m3 needs Hopper"),
+    (["rollout.transport=nccl"], "cpu", r"rollout\.transport=nccl: transport 'nccl' needs GPU engines"),
+    (["rollout.transport=ipc"], "cpu", r"rollout\.transport=ipc: transport 'ipc' needs GPU engines"),
+    (["rollout.transport=ipc"], "cuda", r"rollout\.transport=ipc: .*disaggregated.*use 'nccl' or 'auto'"),
+])
+def test_device_rules_are_checked_once_the_cluster_is_known(overrides, device, match):
+    from sage_megatron.config import validate_for_device
+
+    cfg = load_config(None, overrides)
+    validate(cfg)                       # statically fine: only the cluster's device rules it out
+    with pytest.raises(ConfigError, match=match):
+        validate_for_device(cfg, device)
+
+
+def test_device_rules_accept_what_can_run():
+    from sage_megatron.config import validate_for_device
+
+    validate_for_device(Config(), "cpu")
+    validate_for_device(load_config(None, ["rollout.transport=cpu"]), "cpu")
+    for transport in ("auto", "nccl", "cpu"):
+        validate_for_device(load_config(None, [f"rollout.transport={transport}"]), "cuda")
+    validate_for_device(load_config(None, ["rollout.transport=ipc"]), "cuda", colocated=True)
+
+
+def test_train_refuses_transformer_engine_on_a_cpu_cluster_before_any_rank_starts(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "sage_megatron.cli", "train", "--config", "configs/toy.yaml",
+                           "model.use_te=true", "rollout.transport=nccl", f"run.dir={tmp_path / 'run'}"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "model.use_te=true needs GPU nodes" in proc.stderr
+    assert "rollout.transport=nccl: transport 'nccl' needs GPU engines" in proc.stderr
+    assert not (tmp_path / "run").exists()       # nothing was prepared or started

@@ -20,7 +20,7 @@ from sage_megatron.parallel import weight_maps as wm
 from sage_megatron.parallel.hf_io import CheckpointError, HFReader, copy_side_files, write_hf_safetensors
 from sage_megatron.parallel.launch import run_distributed
 from sage_megatron.parallel.layout import ParallelLayout, padded_vocab_size, validate_layout
-from sage_megatron.parallel.model import ModelArch, arch_from_hf_config, read_hf_config
+from sage_megatron.parallel.model import ModelArch, arch_from_hf_config, arch_from_json, read_hf_config
 from sage_megatron.parallel.precision import parse_dtype
 
 META_FILE = "sage_megatron.json"
@@ -52,7 +52,7 @@ def read_meta(ckpt_dir: str | Path) -> CheckpointMeta:
                               "(write one with tools/convert/hf_to_megatron.py)")
     try:
         raw = json.loads(path.read_text())
-        meta = CheckpointMeta(arch=ModelArch(**raw["arch"]), padded_vocab=int(raw["padded_vocab_size"]),
+        meta = CheckpointMeta(arch=arch_from_json(raw["arch"]), padded_vocab=int(raw["padded_vocab_size"]),
                               dtype=raw["dtype"], written_layout=ParallelLayout(**raw["written_layout"]),
                               source=raw.get("source", ""))
     except (json.JSONDecodeError, KeyError, TypeError) as err:

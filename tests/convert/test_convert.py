@@ -76,6 +76,30 @@ def test_bf16_checkpoint_round_trips_in_bf16(tmp_path):
     megatron_to_hf(tmp_path / "c", tmp_path / "out")
     src, out = load_file(str(hf / "model.safetensors")), load_file(str(tmp_path / "out" / "model.safetensors"))
     assert all(out[k].dtype == torch.bfloat16 and torch.equal(src[k], out[k]) for k in src)
+    # The bf16 actor is wrapped as megatron-core wraps it (Float16Module, no blanket .to(dtype)): bf16
+    # parameters, fp32 logits out of the last stage, equal to HF's bf16 forward up to bf16 rounding.
+    from sage_megatron.parallel.convert import hf_logits, megatron_logits, reference_tokens
+    from sage_megatron.parallel.launch import run_distributed
+
+    (built,) = run_distributed(_built_model, world_size=1, args=(str(tmp_path / "c"),))
+    assert built == ("Float16Module", {"torch.bfloat16"})
+    tokens = reference_tokens(json.loads((hf / "config.json").read_text())["vocab_size"], seq=16)
+    mg = megatron_logits(tmp_path / "c", tokens, tp=2)
+    ref = hf_logits(hf, tokens)
+    assert mg.dtype == torch.float32
+    assert (mg - ref).abs().max().item() <= 0.05 * ref.abs().max().item()
+
+
+def _built_model(ckpt: str):
+    from sage_megatron.parallel.convert import read_meta
+    from sage_megatron.parallel.distributed import init_parallel
+    from sage_megatron.parallel.layout import ParallelLayout
+    from sage_megatron.parallel.model import build_gpt_model
+
+    meta = read_meta(ckpt)
+    init_parallel(ParallelLayout())
+    model = build_gpt_model(meta.arch, layout=ParallelLayout(), padded_vocab=meta.padded_vocab, dtype=torch.bfloat16)
+    return type(model).__name__, {str(p.dtype) for p in model.parameters()}
 
 
 def test_missing_shard_is_named_before_any_rank_starts(converted, tmp_path):
@@ -89,3 +113,72 @@ def test_missing_shard_is_named_before_any_rank_starts(converted, tmp_path):
     with pytest.raises(CheckpointError, match=f"shard file\\(s\\) {victim.name} missing"):
         megatron_to_hf(broken, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+# megatron-core 0.16's Transformer Engine layer spec (gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec):
+# linear_qkv and linear_fc1 are TELayerNormColumnParallelLinear (state: weight, layer_norm_weight, _extra_state),
+# linear_proj and linear_fc2 TERowParallelLinear (weight, _extra_state), q/k_layernorm TENorm (weight);
+# TEDotProductAttention adds no key (its sharded_state_dict is empty without a learnable softmax offset).
+TE_LAYER_KEYS = {
+    "self_attention.linear_qkv.weight", "self_attention.linear_qkv.layer_norm_weight",
+    "self_attention.linear_qkv._extra_state", "self_attention.linear_proj.weight",
+    "self_attention.linear_proj._extra_state", "mlp.linear_fc1.weight", "mlp.linear_fc1.layer_norm_weight",
+    "mlp.linear_fc1._extra_state", "mlp.linear_fc2.weight", "mlp.linear_fc2._extra_state",
+}
+
+
+def checkpoint_keys(dist_dir) -> set[str]:
+    from megatron.core.dist_checkpointing import load_tensors_metadata
+    from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
+
+    return set(load_tensors_metadata(str(dist_dir))) | {k.split("/shard_")[0] for k in load_sharded_metadata(str(dist_dir))}
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_dist_checkpoints_carry_the_transformer_engine_spec_key_names(converted, family):
+    """The converter (local spec) writes the keys a TE-spec model reads, so either spec loads the other's."""
+    _, ckpt = converted[family]
+    layer_keys = {k.removeprefix("decoder.layers.") for k in checkpoint_keys(ckpt / "dist") if k.startswith("decoder.layers.")}
+    qk_norm = {"self_attention.q_layernorm.weight", "self_attention.k_layernorm.weight"} if family == "qwen3" else set()
+    assert layer_keys == TE_LAYER_KEYS | qk_norm
+
+
+def test_a_checkpoint_with_transformer_engine_extra_state_loads_into_the_local_spec(converted, tmp_path):
+    """A TE-spec run's checkpoint holds FP8 metadata in every linear's _extra_state; the local spec ignores it
+    and gets the same weights (resharded from tp=2 to tp=1 on the way)."""
+    from sage_megatron.parallel.launch import run_distributed
+
+    _, ckpt = converted["llama"]
+    (same,) = run_distributed(_te_extra_state_round_trip, world_size=1, args=(str(ckpt), str(tmp_path / "te")))
+    assert same == (True, 4 * 2)    # every parameter equal; 4 linears x 2 layers carried TE extra state
+
+
+def _te_extra_state_round_trip(ckpt: str, te_dir: str):
+    import io
+    import os
+
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    from sage_megatron.parallel.convert import read_meta
+    from sage_megatron.parallel.distributed import init_parallel
+    from sage_megatron.parallel.layout import ParallelLayout
+    from sage_megatron.parallel.model import build_gpt_model
+    from sage_megatron.parallel.shards import load_dist_checkpoint
+
+    meta = read_meta(ckpt)
+    init_parallel(ParallelLayout())
+    model = build_gpt_model(meta.arch, layout=ParallelLayout(), padded_vocab=meta.padded_vocab)
+    load_dist_checkpoint(model, os.path.join(ckpt, "dist"))
+    state = model.sharded_state_dict()
+    te_objects = 0
+    for key, value in state.items():
+        if isinstance(value, ShardedObject) and key.endswith("._extra_state"):
+            value.data = io.BytesIO(b"TE FP8 scaling state")   # what TE's get_extra_state returns
+            te_objects += 1
+    os.makedirs(te_dir)
+    dist_checkpointing.save(state, te_dir)
+    fresh = build_gpt_model(meta.arch, layout=ParallelLayout(), padded_vocab=meta.padded_vocab)
+    load_dist_checkpoint(fresh, te_dir)
+    same = all(torch.equal(a, b) for a, b in zip(model.parameters(), fresh.parameters()))
+    return same, te_objects

@@ -4,12 +4,13 @@ import torch
 
 from sage_megatron.parallel import weight_maps as wm
 from sage_megatron.parallel.model import ModelArch, UnsupportedModelError, arch_from_hf_config
+from sage_megatron.parallel.rope import Llama3RopeScaling
 
 
 def arch(**kw) -> ModelArch:
     base = dict(family="llama", hf_architecture="LlamaForCausalLM", num_layers=2, hidden_size=2, ffn_hidden_size=4,
                 num_attention_heads=4, num_query_groups=2, head_dim=1, vocab_size=5, max_position_embeddings=16,
-                rms_norm_eps=1e-5, rope_theta=10000.0, rope_llama3_factor=None, tie_word_embeddings=False,
+                rms_norm_eps=1e-5, rope_theta=10000.0, rope_llama3=None, tie_word_embeddings=False,
                 qkv_bias=False, qk_norm=False)
     base.update(kw)
     return ModelArch(**base)
@@ -121,7 +122,9 @@ def test_arch_reads_transformers5_rope_parameters_and_llama3_scaling():
     a = arch_from_hf_config(hf_cfg(rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
                                                     "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                                     "original_max_position_embeddings": 8192}))
-    assert a.rope_theta == 500000.0 and a.rope_llama3_factor == 32.0 and a.head_dim == 4
+    assert a.rope_theta == 500000.0 and a.head_dim == 4
+    assert a.rope_llama3 == Llama3RopeScaling(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                              original_max_position_embeddings=8192)
 
 
 def test_arch_old_style_rope_theta_and_qwen3_head_dim():

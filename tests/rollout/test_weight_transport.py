@@ -96,10 +96,10 @@ def test_shm_file_roundtrip_and_cleanup():
         ("auto", "cpu", False, "cpu"),
         ("auto", "cpu", True, "cpu"),
         ("auto", "cuda", False, "nccl"),
-        ("auto", "cuda", True, "cuda_ipc"),
+        ("auto", "cuda", True, "ipc"),
         ("cpu", "cuda", False, "cpu"),
         ("nccl", "cuda", True, "nccl"),
-        ("cuda_ipc", "cuda", True, "cuda_ipc"),
+        ("ipc", "cuda", True, "ipc"),
     ],
 )
 def test_select_transport(kind, device, colocated, expected):
@@ -111,8 +111,8 @@ def test_select_transport(kind, device, colocated, expected):
     ("kind", "device", "colocated", "match"),
     [
         ("nccl", "cpu", False, "needs GPU engines"),
-        ("cuda_ipc", "cpu", True, "needs GPU engines"),
-        ("cuda_ipc", "cuda", False, "colocated"),
+        ("ipc", "cpu", True, "needs GPU engines"),
+        ("ipc", "cuda", False, "colocated"),
         ("gloo", "cpu", False, "unknown transport"),
     ],
 )
@@ -131,7 +131,7 @@ def test_make_transport_gpu_classes_construct_without_cuda():
     assert isinstance(t, wt.CpuObjectStoreTransport) and t.keeps_refs
     assert wt.vllm_weight_transfer_backend("cpu") is None
     assert wt.vllm_weight_transfer_backend("nccl") == "nccl"
-    assert wt.vllm_weight_transfer_backend("cuda_ipc") == "ipc"
+    assert wt.vllm_weight_transfer_backend("ipc") == "ipc"
 
 
 def test_nccl_ranks_are_disjoint_per_engine():
