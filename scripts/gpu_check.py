@@ -529,7 +529,8 @@ class Check:
             # forward + backward: the schedule of train_step (same loss function) without the optimizer step
             local, mbs, _ = actor._local_rows(batch)
             micro = actor._micro_batches(local, mbs)
-            loss_func = partial(actor._loss, num_tokens=float(mask.sum()), num_seqs=float(b), grad_scale=len(micro))
+            loss_func = partial(actor._loss, num_tokens=float(mask.sum()), num_seqs=float(b), grad_scale=len(micro),
+                                run_tokens=float(mask.sum()), run_seqs=float(b))
 
             def fwd_bwd():
                 actor.model.train()

@@ -160,6 +160,34 @@ def row_slice(batch: TrainBatch, start: int, stop: int) -> TrainBatch:
                       ref_logp=cut(batch.ref_logp), uids=batch.uids[start:stop])
 
 
+def rows_with_gradient(advantages: torch.Tensor, *, kl_coef: float, entropy_coef: float) -> torch.Tensor | None:
+    """Indices of the rows whose loss terms can have a non-zero gradient; None = every row.
+
+    With the KL and entropy coefficients at 0 a row's only term is the policy-gradient one, which is
+    its advantage times a function of the ratio: exactly 0, with an exactly zero gradient, when the
+    advantage is 0 (a group whose samples all got the same reward).
+    """
+    if kl_coef != 0 or entropy_coef != 0:
+        return None
+    rows = (advantages != 0).nonzero().flatten()
+    return None if len(rows) == len(advantages) else rows
+
+
+def select_rows(batch: TrainBatch, rows: torch.Tensor) -> TrainBatch:
+    """``rows`` of every tensor, cut after the last response column any of them has (causal: the
+    log-probs of the columns kept do not depend on the right padding dropped)."""
+    mask = batch.response_mask[rows]
+    used = mask.any(dim=0).nonzero()
+    width = int(used.max()) + 1 if len(used) else 1
+
+    def take(x):
+        return None if x is None else x[rows, :width]
+
+    return TrainBatch(tokens=take(batch.tokens), response_mask=mask[:, :width], advantages=batch.advantages[rows],
+                      old_logp=take(batch.old_logp), ref_logp=take(batch.ref_logp),
+                      uids=[batch.uids[i] for i in rows.tolist()] if batch.uids else [])
+
+
 def move_response_values(values: torch.Tensor, src_mask: torch.Tensor, dst_mask: torch.Tensor) -> torch.Tensor:
     """Per-row response values moved from the columns ``src_mask`` marks to those ``dst_mask`` marks.
 

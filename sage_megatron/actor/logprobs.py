@@ -6,6 +6,8 @@ equal HF's / vLLM's. Alignment as in ``actor/batch.py``.
 """
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.distributed as dist
 
@@ -27,7 +29,8 @@ def align_to_tokens(per_position: torch.Tensor) -> torch.Tensor:
 
 
 def vocab_parallel_logprobs(logits: torch.Tensor, targets: torch.Tensor, *, vocab_size: int,
-                            with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                            with_entropy: bool | Literal["detached"] = False
+                            ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log softmax(logits)[target] over the real vocabulary, with the vocabulary split over TP ranks.
 
     logits: (B, S, V_local), this TP rank's slice [rank * V_local, (rank + 1) * V_local) of the
@@ -36,7 +39,8 @@ def vocab_parallel_logprobs(logits: torch.Tensor, targets: torch.Tensor, *, voca
     identical on every TP rank, differentiable: max is detached (log-sum-exp is shift invariant) and
     every TP sum is a sum of purely local terms through megatron's reduce_from_tensor_model_parallel_region
     (all-reduce forward, identity backward: each rank's shard feeds only its own partial sum, and
-    every rank computes the same function of the global sums).
+    every rank computes the same function of the global sums). ``with_entropy="detached"``: the
+    entropy for logging, from the same exponentials, outside the autograd graph (no second pass).
     """
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_region
@@ -66,7 +70,8 @@ def vocab_parallel_logprobs(logits: torch.Tensor, targets: torch.Tensor, *, voca
         # H = log S - A / S with A = sum_v e^z z: both global sums of purely local terms, so the
         # identity backward of each reduce is exact (a per-rank sum of p = e^z / S would not be:
         # its dependence on the global S would only see this rank's share).
-        finite = torch.where(real, shifted, torch.zeros_like(shifted))
-        a = reduce_from_tensor_model_parallel_region((exp_z * finite).sum(dim=-1).contiguous())
-        entropy = log_z - a / sum_exp
+        with torch.set_grad_enabled(torch.is_grad_enabled() and with_entropy != "detached"):
+            finite = torch.where(real, shifted, torch.zeros_like(shifted))
+            a = reduce_from_tensor_model_parallel_region((exp_z * finite).sum(dim=-1).contiguous())
+            entropy = log_z - a / sum_exp
     return logp, entropy

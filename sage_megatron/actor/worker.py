@@ -29,7 +29,8 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
-from sage_megatron.actor.batch import ActorError, TrainBatch, move_response_values, pad_rows, row_slice
+from sage_megatron.actor.batch import (ActorError, TrainBatch, move_response_values, pad_rows, row_slice,
+                                       rows_with_gradient, select_rows)
 from sage_megatron.actor.logprobs import align_to_tokens, next_token_targets, vocab_parallel_logprobs
 from sage_megatron.algo.losses import AggMode, KLKind, aggregate, kl_loss, policy_loss
 from sage_megatron.parallel.layout import ParallelLayout
@@ -79,6 +80,9 @@ class ActorConfig:
     """Weight of the entropy bonus (subtracted from the loss)."""
     loss_agg: AggMode = "token-mean"
     """Aggregation over the mini-batch: "token-mean", "seq-mean-token-mean", "seq-mean-token-sum"."""
+    skip_zero_advantage_rows: bool = True
+    """With kl_coef = entropy_coef = 0, rows whose advantage is 0 (their gradient is exactly 0) are not run;
+    the loss keeps the whole batch's denominators, so the step is the same. False: run every row."""
 
 
 # ---- the actor --------------------------------------------------------------------------------------
@@ -161,7 +165,7 @@ class MegatronActor:
         return out
 
     def _token_logprobs(self, output: torch.Tensor, tokens: torch.Tensor, *,
-                        with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+                        with_entropy: bool | str) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Last-stage logits (b, T, V_local) -> aligned (logp (b, T), entropy (b, T) or None)."""
         logp, ent = vocab_parallel_logprobs(output, next_token_targets(tokens), vocab_size=self.arch.vocab_size,
                                             with_entropy=with_entropy)
@@ -255,17 +259,24 @@ class MegatronActor:
                              "(build_reference(config).compute_logprobs(batch))")
         num_tokens = float(batch.response_mask.sum())
         num_seqs = float(batch.tokens.shape[0])
-        local, mbs, _ = self._local_rows(batch)
-        micro = self._micro_batches(local, mbs)
-        # The schedule divides each micro-batch loss by num_microbatches and DDP averages gradients
-        # over DP; both undone here so the gradient is that of the global-batch loss.
-        grad_scale = len(micro) * ps.get_data_parallel_world_size()
-        loss_func = partial(self._loss, num_tokens=num_tokens, num_seqs=num_seqs, grad_scale=grad_scale)
-
+        # Rows with an exactly zero gradient are not run; the loss keeps the whole batch's denominators,
+        # so the gradient equals the unskipped step's.
+        rows = (rows_with_gradient(batch.advantages, kl_coef=cfg.kl_coef, entropy_coef=cfg.entropy_coef)
+                if cfg.skip_zero_advantage_rows else None)
+        run = batch if rows is None else select_rows(batch, rows)
         self.model.train()
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
-        collected = self._run_schedule(micro, forward_only=False, loss_func=loss_func)
+        collected = []
+        if run.tokens.shape[0]:
+            local, mbs, _ = self._local_rows(run)
+            micro = self._micro_batches(local, mbs)
+            # The schedule divides each micro-batch loss by num_microbatches and DDP averages gradients
+            # over DP; both undone here so the gradient is that of the global-batch loss.
+            grad_scale = len(micro) * ps.get_data_parallel_world_size()
+            loss_func = partial(self._loss, num_tokens=num_tokens, num_seqs=num_seqs, grad_scale=grad_scale,
+                                run_tokens=float(run.response_mask.sum()), run_seqs=float(run.tokens.shape[0]))
+            collected = self._run_schedule(micro, forward_only=False, loss_func=loss_func)
         with on_cpu_if_needed():
             update_ok, grad_norm, _ = self.optimizer.step()
         self.steps += 1
@@ -281,27 +292,31 @@ class MegatronActor:
         tokens = max(out["tokens"], 1.0)
         for k in ("clip_frac", "clip_frac_lower", "ppo_kl", "ratio_mean"):   # token-weighted sums -> token means
             out[k] /= tokens
+        # tokens: the batch's response tokens; the per-token metrics above are over the rows run.
+        out.update(tokens=num_tokens, tokens_run=float(run.response_mask.sum()),
+                   padded_tokens_run=float(run.tokens.numel()), rows_skipped=num_seqs - run.tokens.shape[0])
         # megatron computes the norm only when clipping is on (it reports 0.0 otherwise): nan then.
         norm_known = cfg.grad_clip > 0 and grad_norm is not None
         out.update(grad_norm=float(grad_norm) if norm_known else float("nan"),
                    lr=float(self.optimizer.param_groups[0]["lr"]), update_ok=float(bool(update_ok)))
         return out
 
-    def _loss(self, mb: dict, output: torch.Tensor, *, num_tokens: float, num_seqs: float,
-              grad_scale: float) -> tuple[torch.Tensor, dict]:
-        """Loss of one micro-batch as its share of the global-batch loss (times grad_scale for the schedule)."""
+    def _loss(self, mb: dict, output: torch.Tensor, *, num_tokens: float, num_seqs: float, grad_scale: float,
+              run_tokens: float, run_seqs: float) -> tuple[torch.Tensor, dict]:
+        """Loss of one micro-batch as its share of the global-batch loss (times grad_scale for the schedule).
+
+        num_tokens / num_seqs: the whole batch's; run_tokens / run_seqs: of the rows run (fewer when rows
+        with an exactly zero gradient are skipped, which happens only with entropy_coef == 0, so the
+        entropy, then a metric only, is averaged over the rows run)."""
         cfg = self.config
         mask = mb["mask"]                                                                   # (b, T)
-        want_entropy_grad = cfg.entropy_coef != 0
-        logp, ent = self._token_logprobs(output, mb["tokens"], with_entropy=want_entropy_grad)
-        if ent is None:
-            with torch.no_grad():
-                _, ent = self._token_logprobs(output.detach(), mb["tokens"], with_entropy=True)
+        logp, ent = self._token_logprobs(output, mb["tokens"],
+                                         with_entropy=True if cfg.entropy_coef != 0 else "detached")
         agg = dict(num_tokens=num_tokens, num_seqs=num_seqs)
         old_logp = logp.detach() if mb["old_logp"] is None else mb["old_logp"]          # None: on-policy
         pg = policy_loss(logp=logp, old_logp=old_logp, advantages=mb["advantages"], mask=mask,
                          clip_low=cfg.clip_low, clip_high=cfg.clip_high, clip_c=cfg.clip_c, agg=cfg.loss_agg, **agg)
-        entropy = aggregate(ent, mask, mode=cfg.loss_agg, **agg)
+        entropy = aggregate(ent, mask, mode=cfg.loss_agg, num_tokens=run_tokens, num_seqs=run_seqs)
         loss = pg.loss - cfg.entropy_coef * entropy
         kl = torch.zeros((), dtype=loss.dtype, device=loss.device)
         if "ref_logp" in mb:
