@@ -59,10 +59,6 @@ TOLERANCES = {("float32", "cpu"): (1e-4, 1e-5), ("float32", "cuda"): (2e-3, 1e-4
               ("bfloat16", "cpu"): (0.5, 0.05), ("bfloat16", "cuda"): (0.5, 0.05)}
 # Dense bf16 tensor-core peaks (no sparsity), matched on torch.cuda.get_device_name(). H100 SXM's
 # 989 TFLOP/s is sage_megatron.perf.catalogue.H100_SXM; H200 has the same compute die and clocks.
-GPU_PEAKS = (("H200", 989e12), ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12),
-             ("GH200", 989e12), ("B200", 2250e12), ("A100", 312e12), ("L40S", 362e12))
-
-
 def default_out() -> Path:
     out = os.environ.get("OUT")
     return Path(out) / "gpu_check.json" if out else REPO / "runs" / "gpu_check.json"
@@ -588,10 +584,12 @@ class Check:
         if self.a.peak_flops:
             return self.a.peak_flops, "--peak-flops"
         if self.a.device == "cuda":
+            from sage_megatron.perf.catalogue import GPU_BF16_DENSE_PEAKS
+
             name = torch.cuda.get_device_name(0)
-            for key, peak in GPU_PEAKS:
+            for key, peak in GPU_BF16_DENSE_PEAKS:
                 if key in name:
-                    return peak, f"dense bf16 peak for {key!r} matched in {name!r} (scripts/gpu_check.py GPU_PEAKS)"
+                    return peak, f"dense bf16 peak for {key!r} matched in {name!r} (perf.catalogue.GPU_BF16_DENSE_PEAKS)"
             return None, f"no known peak for {name!r}: pass --peak-flops"
         from sage_megatron.perf.catalogue import measure_cpu_hardware
 

@@ -49,6 +49,12 @@ H100_SXM = Hardware(
     devices_per_node=8,
 )
 
+# Dense bf16 peak FLOP/s by a substring of torch.cuda.get_device_name (first match wins: the specific
+# names before "H100"); vendor datasheet figures without sparsity. H200 has H100 SXM's compute.
+GPU_BF16_DENSE_PEAKS = (("H200", H100_SXM.peak_flops), ("H100 PCIe", 756e12), ("H100 NVL", 835e12),
+                        ("H100", H100_SXM.peak_flops), ("GH200", H100_SXM.peak_flops), ("B200", 2250e12),
+                        ("A100", 312e12), ("L40S", 362e12))
+
 # This machine as measured in Nov 2026 (docs/platform.md; `measure_cpu_hardware` re-measures):
 # one core ~90 GFLOP/s fp32 / ~360 bf16 (AMX) matmul, memcpy ~12 GB/s per core. Emulated Slurm
 # nodes are network namespaces on one host: "inter-node" traffic is a veth bridge (~1-3 GB/s via

@@ -369,9 +369,11 @@ def _skip_world(ckpt: str, layout: ParallelLayout, batch: TrainBatch) -> bytes:
                           skip_zero_advantage_rows=skip)
         actor = MegatronActor(cfg)
         metrics = actor.train_step(batch)
+        # then a batch whose every advantage is 0: nothing runs, the optimizer still steps (momentum)
+        all_zero = actor.train_step(dataclasses.replace(batch, advantages=torch.zeros_like(batch.advantages)))
         weights = {k: v.clone() for k, v in actor.global_tensors()}
         keep = ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0
-        out[skip] = (metrics, weights if keep else {})
+        out[skip] = (metrics, weights if keep else {}, all_zero)
     buf = io.BytesIO()
     torch.save(out, buf)
     return buf.getvalue()
@@ -380,7 +382,8 @@ def _skip_world(ckpt: str, layout: ParallelLayout, batch: TrainBatch) -> bytes:
 @pytest.mark.multiproc
 def test_skipping_zero_advantage_rows_takes_the_same_step(tiny_hf_factory, tmp_path):
     """Rows of all-same-reward groups (advantage 0) are not run when KL and entropy are off; the step
-    (gradient norm, weights after one AdamW step) equals the unskipped one within 1e-6 at tp=1, tp=2, pp=2, dp=2."""
+    (gradient norm, weights after one AdamW step, then one more on an all-zero batch where nothing runs)
+    equals the unskipped one within 1e-6 at tp=1, tp=2, pp=2, dp=2."""
     from sage_megatron.parallel.convert import hf_to_megatron, read_meta
     from sage_megatron.parallel.launch import run_distributed
 
@@ -400,6 +403,9 @@ def test_skipping_zero_advantage_rows_takes_the_same_step(tiny_hf_factory, tmp_p
         assert skipped["tokens"] == full["tokens"] and skipped["tokens_run"] < full["tokens_run"]
         assert skipped["loss"] == pytest.approx(full["loss"], abs=1e-6), layout
         assert skipped["grad_norm"] == pytest.approx(full["grad_norm"], rel=1e-6), layout
+        zero_skipped, zero_full = ranks[0][True][2], ranks[0][False][2]
+        assert zero_skipped["rows_skipped"] == len(batch.advantages) and zero_skipped["tokens_run"] == 0
+        assert zero_skipped["loss"] == zero_full["loss"] == 0.0
         w_skip = {k: v for r in ranks for k, v in r[True][1].items()}
         w_full = {k: v for r in ranks for k, v in r[False][1].items()}
         assert sorted(w_skip) == sorted(w_full) and w_skip
