@@ -1,12 +1,14 @@
 #!/usr/bin/env python
-"""Benchmark: HF -> Megatron dist-checkpoint conversion of a ~1B-parameter Llama-layout model.
+"""Benchmark: HF -> Megatron dist-checkpoint conversion of a ~1B-parameter Llama-layout model, and back.
 
-  python bench/convert.py --json OUT [--tp 2 --pp 1 --repeats 2 --dtype bfloat16]
+  python bench/convert.py --json OUT [--tp 2 --pp 1 --repeats 2 --dtype bfloat16 --max-stage-bytes 1073741824]
 
-Side by side in one run, interleaved (floor, convert, floor, convert) because disk speed here depends
-on what ran just before: `floor_seconds` reads and writes the same bytes with plain safetensors
-(load_file + save_file); `convert_seconds` is tools/convert's hf_to_megatron at the given layout.
-Reports medians, their ratio, and the peak RSS of the largest rank and of the launcher.
+Side by side in one run, interleaved (floor, convert, export, floor, convert, export) because disk speed
+here depends on what ran just before: `floor_seconds` reads and writes the same bytes with plain
+safetensors (load_file + save_file); `convert_seconds` is tools/convert's hf_to_megatron at the given
+layout; `export_seconds` is megatron_to_hf of that checkpoint (streamed in groups of --max-stage-bytes).
+Reports medians, convert/floor and export/floor, the peak RSS of every import rank (its own process
+image: /proc VmHWM), and the export's peak RSS and its growth over its baseline against the model's bytes.
 """
 from __future__ import annotations
 
@@ -84,9 +86,10 @@ def main() -> int:
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--max-stage-bytes", type=int, default=1 << 30, help="export group size (megatron_to_hf)")
     p.add_argument("--workdir", default=None, help="scratch folder (default: a temp dir, removed after)")
     a = p.parse_args()
-    from sage_megatron.parallel.convert import hf_to_megatron
+    from sage_megatron.parallel.convert import hf_to_megatron, megatron_to_hf
     from sage_megatron.parallel.precision import parse_dtype
 
     work = Path(a.workdir or tempfile.mkdtemp(prefix="bench_convert_"))
@@ -97,15 +100,20 @@ def main() -> int:
         nbytes = sum(f.stat().st_size for f in (work / "hf").glob("*.safetensors"))
         print(f"made a {params / 1e9:.2f}B-parameter {a.dtype} model ({nbytes / 2**30:.2f} GiB) in "
               f"{time.perf_counter() - t0:.0f} s", flush=True)
-        floors, converts, rank_rss = [], [], []
+        floors, converts, exports, rank_rss, export_runs = [], [], [], [], []
         for i in range(a.repeats):
             floors.append(floor_copy(work / "hf", work / f"floor{i}"))
             shutil.rmtree(work / f"floor{i}")
             r = hf_to_megatron(work / "hf", work / f"ckpt{i}", tp=a.tp, pp=a.pp)
             converts.append(r["seconds"])
-            rank_rss.append(max(x["peak_rss_gib"] for x in r["ranks"]))
+            rank_rss.append([x["peak_rss_gib"] for x in r["ranks"]])
+            e = megatron_to_hf(work / f"ckpt{i}", work / f"export{i}", max_stage_bytes=a.max_stage_bytes)
+            exports.append(e["seconds"])
+            export_runs.append(e)
             shutil.rmtree(work / f"ckpt{i}")
-            print(f"repeat {i}: floor {floors[-1]:.1f} s, convert {converts[-1]:.1f} s", flush=True)
+            shutil.rmtree(work / f"export{i}")
+            print(f"repeat {i}: floor {floors[-1]:.1f} s, convert {converts[-1]:.1f} s, export {exports[-1]:.1f} s "
+                  f"(peak RSS {e['peak_rss_gib']:.2f} GiB)", flush=True)
     finally:
         if not a.workdir:
             shutil.rmtree(work, ignore_errors=True)
@@ -116,13 +124,30 @@ def main() -> int:
         "convert_seconds": statistics.median(converts), "floor_seconds": statistics.median(floors),
         "convert_over_floor": statistics.median(converts) / statistics.median(floors),
         "convert_seconds_all": converts, "floor_seconds_all": floors,
-        "peak_rss_gib": max(rank_rss), "peak_rss_gib_launcher": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "peak_rss_gib": max(max(r) for r in rank_rss),
+        "peak_rss_gib_per_rank": [max(r[k] for r in rank_rss) for k in range(len(rank_rss[0]))],
+        "peak_rss_gib_launcher": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "convert_gib_per_s": nbytes / 2**30 / statistics.median(converts),
+        "export_seconds": statistics.median(exports), "export_seconds_all": exports,
+        "export_over_floor": statistics.median(exports) / statistics.median(floors),
+        "export_max_stage_bytes": a.max_stage_bytes,
+        "export_model_bytes": export_runs[0]["model_bytes"],
+        "export_peak_rss_gib": max(e["peak_rss_gib"] for e in export_runs),
+        "export_baseline_rss_gib": min(e["baseline_rss_gib"] for e in export_runs),
     }
-    print(f"\n| params | bytes (GiB) | layout | convert s | floor s | convert/floor | peak RSS/rank GiB |")
-    print(f"|---|---|---|---|---|---|---|")
+    growth = max(e["peak_rss_gib"] - e["baseline_rss_gib"] for e in export_runs)
+    result["export_rss_growth_gib"] = growth
+    result["export_rss_growth_over_model_bytes"] = growth * 2**30 / result["export_model_bytes"]
+    print("\n| params | bytes (GiB) | layout | convert s | floor s | convert/floor | peak RSS per rank GiB |")
+    print("|---|---|---|---|---|---|---|")
     print(f"| {params / 1e9:.2f}B | {nbytes / 2**30:.2f} | tp{a.tp} pp{a.pp} | {result['convert_seconds']:.1f} | "
-          f"{result['floor_seconds']:.1f} | {result['convert_over_floor']:.2f} | {result['peak_rss_gib']:.2f} |")
+          f"{result['floor_seconds']:.1f} | {result['convert_over_floor']:.2f} | "
+          f"{', '.join(f'{x:.2f}' for x in result['peak_rss_gib_per_rank'])} |")
+    print("\n| export s | export/floor | model GiB | export peak RSS GiB | growth over baseline GiB | growth/model |")
+    print("|---|---|---|---|---|---|")
+    print(f"| {result['export_seconds']:.1f} | {result['export_over_floor']:.2f} | "
+          f"{result['export_model_bytes'] / 2**30:.2f} | {result['export_peak_rss_gib']:.2f} | {growth:.2f} | "
+          f"{result['export_rss_growth_over_model_bytes']:.2f} |")
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
     Path(a.json).write_text(json.dumps(result, indent=1))
     print(f"wrote {a.json}")

@@ -51,7 +51,8 @@ def train(work: Path) -> None:
     def reward_fn(prompts, completions, answer, **_):
         t0 = time.perf_counter()
         texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
-        out = batch_math_reward(list(zip(texts, answer)))
+        out = batch_math_reward(list(zip(texts, answer)), extractor=spec.get("extractor", "boxed"),
+                                workers=spec.get("reward_workers", 1))
         timers["reward"] += time.perf_counter() - t0
         return out
 

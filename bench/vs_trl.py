@@ -441,7 +441,8 @@ def main(argv: list[str] | None = None) -> int:
 
     site = ensure_trl(a.trl_version, (ROOT / a.trl_cache).resolve())
     rows, hf_dir = bench_rows(cfg, steps=a.steps)
-    spec = {"hf_dir": hf_dir, "rows": rows, "trl_kwargs": trl_kwargs, "torch_threads": a.trl_threads}
+    spec = {"hf_dir": hf_dir, "rows": rows, "trl_kwargs": trl_kwargs, "torch_threads": a.trl_threads,
+            "extractor": cfg.reward.extractor, "reward_workers": cfg.reward.workers}
     print(f"[vs_trl] {a.steps} steps x {a.repeats} rounds, {a.prompts} prompts x {a.generations} generations, "
           f"max {a.max_tokens} tokens; model {hf_dir}", flush=True)
 

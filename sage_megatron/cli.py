@@ -62,7 +62,8 @@ def _eval(a: argparse.Namespace) -> dict:
         if a.model is None:
             raise ConfigError("eval needs --model HF_DIR or --config FILE")
         return run_eval(model_dir=a.model, data=a.data or ["toy"], k=a.k, temperature=a.temperature, top_p=a.top_p,
-                        max_tokens=a.max_tokens, max_prompts=a.max_prompts, templates=a.templates)
+                        max_tokens=a.max_tokens, max_prompts=a.max_prompts, templates=a.templates,
+                        extractor=a.extractor or "boxed")
     from sage_megatron.run_inputs import resolve_model
 
     cfg = load_config(a.config, [])
@@ -72,10 +73,13 @@ def _eval(a: argparse.Namespace) -> dict:
     return run_eval(model_dir=model, data=sets, k=e.k, temperature=e.temperature, top_p=e.top_p,
                     max_tokens=r.max_tokens, max_prompts=e.max_prompts, templates=cfg.algorithm.templates,
                     seed=cfg.data.seed, dtype=r.engine_dtype, difficulty_key=e.difficulty_key,
-                    hard_min_difficulty=e.hard_min_difficulty, cache_dir=cfg.model.cache_dir)
+                    hard_min_difficulty=e.hard_min_difficulty, cache_dir=cfg.model.cache_dir,
+                    extractor=a.extractor or cfg.reward.extractor, reward_workers=cfg.reward.workers)
 
 
 def main(argv: list[str] | None = None) -> int:
+    from sage_megatron.algo.reward import ANSWER_EXTRACTORS
+
     p = argparse.ArgumentParser(prog="sage-megatron", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -92,13 +96,16 @@ def main(argv: list[str] | None = None) -> int:
     e = sub.add_parser("eval", help="avg@k / pass@k of an HF model on prompt sets via the rollout pool")
     e.add_argument("--config", default=None, help="take model, sets and sampling from this run config")
     e.add_argument("--model", default=None, help="HF model folder (default: the config's model)")
-    e.add_argument("--data", nargs="+", default=None, help="one or more sets: .jsonl/.json/.parquet or 'toy'")
+    e.add_argument("--data", nargs="+", default=None,
+                   help="one or more sets: .jsonl/.json/.parquet, 'toy' or 'arith'")
     e.add_argument("--k", type=int, default=4)
     e.add_argument("--temperature", type=float, default=1.0)
     e.add_argument("--top-p", type=float, default=1.0)
     e.add_argument("--max-tokens", type=int, default=128)
     e.add_argument("--max-prompts", type=int, default=0)
     e.add_argument("--templates", default="toy")
+    e.add_argument("--extractor", default=None, choices=sorted(ANSWER_EXTRACTORS),
+                   help="how the final answer is read (default: the config's reward.extractor, else boxed)")
     r = sub.add_parser("report", help="PNG plots of runs")
     r.add_argument("run_dirs", nargs="+")
     r.add_argument("--out", default=None)

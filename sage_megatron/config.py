@@ -115,7 +115,8 @@ class AlgorithmConfig:
     hint_source: Literal["policy", "reference_prefix"] = "policy"
     """Who writes hints: the policy through the rollout engine (SAGE) or a prefix of the reference solution."""
     templates: str = "toy"
-    """Prompt templates: "toy", "paper", or a folder with the five template files."""
+    """Prompt templates: "toy", "paper", "arith" (a plain "The answer is N." ending a small model can
+    produce), or a folder with the five template files."""
     levels: int = 3
     """L: hint levels."""
     trigger: Literal["all_wrong", "threshold"] = "all_wrong"
@@ -203,10 +204,24 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class RewardConfig:
+    extractor: str = "boxed"
+    """How a response's final answer is found: "boxed" (the last \\boxed{}), "answer_is" ("The answer is
+    N"), "gsm8k" ("#### N") or "last_number"; training and evaluation use the same one."""
+    workers: int = 2
+    """math-verify worker processes scoring a batch in parallel."""
+    timeout_s: float = 5.0
+    """Wall-clock limit per (answer, ground truth) pair; past it the pair scores 0."""
+    batch_timeout_s: float = 60.0
+    """Wall-clock limit per batch; pairs not verified by then score 0."""
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     data: str = "toy"
     """Held-out rows (no hints); "toy" = the toy task's held-out split (every training difficulty, balanced,
-    problems never seen in training); "" = no evaluation."""
+    problems never seen in training); "arith" = generated arithmetic word problems not in data.train="arith";
+    "" = no evaluation."""
     k: int = 4
     """avg@k: samples per prompt."""
     temperature: float = 1.0
@@ -260,6 +275,7 @@ class Config:
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -422,8 +438,8 @@ def validate(cfg: Config) -> None:
     need(a.kl_coef >= 0, f"algorithm.kl_coef={a.kl_coef} must be >= 0")
     need(a.light_escalate_only or a.light_min_threshold <= a.light_max_threshold,
          f"algorithm.light_min_threshold={a.light_min_threshold} > light_max_threshold={a.light_max_threshold}")
-    need(a.templates in ("toy", "paper") or Path(a.templates).is_dir(),
-         f"algorithm.templates={a.templates!r}: use 'toy', 'paper' or an existing folder")
+    need(a.templates in ("toy", "paper", "arith") or Path(a.templates).is_dir(),
+         f"algorithm.templates={a.templates!r}: use 'toy', 'paper', 'arith' or an existing folder")
     if a.name != "grpo":
         need(d.solution_key != "", "data.solution_key is empty but hints are made from the reference solution")
     need(o.lr > 0, f"optim.lr={o.lr} must be > 0")
@@ -433,8 +449,16 @@ def validate(cfg: Config) -> None:
          f"data.batch_size={d.batch_size} must be a multiple of optim.mini_batches={o.mini_batches}")
     need(d.train in ("toy", "arith") or Path(d.train).is_file(),
          f"data.train={d.train!r}: no such file (or use 'toy' or 'arith')")
-    need(cfg.eval.data in ("", "toy") or Path(cfg.eval.data).is_file(),
-         f"eval.data={cfg.eval.data!r}: no such file (or 'toy', or '' for no evaluation)")
+    need(cfg.eval.data in ("", "toy", "arith") or Path(cfg.eval.data).is_file(),
+         f"eval.data={cfg.eval.data!r}: no such file (or 'toy', 'arith', or '' for no evaluation)")
+    from sage_megatron.algo.reward import ANSWER_EXTRACTORS
+
+    rw = cfg.reward
+    need(rw.extractor in ANSWER_EXTRACTORS,
+         f"reward.extractor={rw.extractor!r} is not one of {sorted(ANSWER_EXTRACTORS)}")
+    need(rw.workers >= 1, f"reward.workers={rw.workers} must be >= 1")
+    need(rw.timeout_s > 0 and rw.batch_timeout_s >= rw.timeout_s,
+         f"reward.timeout_s={rw.timeout_s} must be > 0 and <= reward.batch_timeout_s={rw.batch_timeout_s}")
     need(cfg.eval.k >= 1, f"eval.k={cfg.eval.k} must be >= 1")
     need(run.steps >= 1, f"run.steps={run.steps} must be >= 1")
     need(run.checkpoint_every >= 0, f"run.checkpoint_every={run.checkpoint_every} must be >= 0")

@@ -43,11 +43,13 @@ def avg_at_k(sampler, rows: Sequence[PromptRow], *, templates: Templates, encode
 def run_eval(*, model_dir: str, data: str | list[str], k: int = 4, temperature: float = 1.0, top_p: float = 1.0,
              max_tokens: int = 128, max_prompts: int = 0, templates: str = "toy", seed: int = 0,
              num_engines: int = 1, dtype: str = "float32", difficulty_key: str = "steps",
-             hard_min_difficulty: int = 6, cache_dir: str = "runs/cache") -> dict:
+             hard_min_difficulty: int = 6, cache_dir: str = "runs/cache", extractor: str = "boxed",
+             reward_workers: int = 2) -> dict:
     """Start one pool on ``model_dir`` and evaluate it on each set in ``data`` (the ``eval`` command).
 
     Returns {"sets": {name: result}, "avg_at_k", "pass_at_k"} (the last two: means over the sets, as the
     paper averages its benchmarks); every set is checked before the engine starts."""
+    import functools
     import json
     from pathlib import Path
 
@@ -61,6 +63,7 @@ def run_eval(*, model_dir: str, data: str | list[str], k: int = 4, temperature: 
     if not (Path(model_dir) / "config.json").is_file():
         raise ConfigError(f"--model {model_dir}: no HF model there (no config.json); give a Hugging Face model folder, "
                           "e.g. RUN_DIR/hf of a run trained with run.export_hf=true")
+    reward_fn = functools.partial(batch_math_reward, extractor=extractor, workers=reward_workers)
     sets = [data] if isinstance(data, str) else list(data)
     rows_by_set = {name: load_eval_rows(name, max_prompts=max_prompts, seed=seed, difficulty_key=difficulty_key,
                                         cache_dir=cache_dir) for name in sets}
@@ -72,7 +75,7 @@ def run_eval(*, model_dir: str, data: str | list[str], k: int = 4, temperature: 
     try:
         encode, tmpl = chat_encoder(pool.tokenizer), load_templates(template_dir(templates))
         results = {name: avg_at_k(pool, rows, templates=tmpl, encode=encode, k=k, temperature=temperature,
-                                  top_p=top_p, max_tokens=max_tokens, seed=seed, reward_fn=batch_math_reward,
+                                  top_p=top_p, max_tokens=max_tokens, seed=seed, reward_fn=reward_fn,
                                   hard_min_difficulty=hard_min_difficulty)
                    for name, rows in rows_by_set.items()}
     finally:

@@ -22,8 +22,7 @@ def load_eval_rows(path: str, *, max_prompts: int = 0, seed: int = 0, difficulty
     """Held-out rows ("toy" = the toy task's held-out split); the first ``max_prompts`` (0 = all)."""
     from sage_megatron.tasks.data import Columns, load_rows
 
-    if path == "toy":
-        path = str(toy_data_paths(Path(cache_dir), seed=seed)["heldout"])
+    path = str(eval_data_path(path, Path(cache_dir), seed=seed))
     rows = load_rows(path, columns=Columns(index="index", difficulty=difficulty_key or None), require_solution=False)
     return rows[:max_prompts] if max_prompts else rows
 
@@ -38,14 +37,26 @@ def toy_data_paths(cache_dir: Path, *, seed: int = 0) -> dict[str, Path]:
     return files
 
 
+def eval_data_path(name: str, cache_dir: Path, *, seed: int = 0) -> Path:
+    """eval.data as a file: "toy" and "arith" are generated once into the cache (held out from training)."""
+    if name == "toy":
+        return toy_data_paths(cache_dir, seed=seed)["heldout"]
+    if name == "arith":
+        from sage_megatron.tasks.arith_data import VERSION as ARITH_VERSION, write_arith_heldout
+
+        path = cache_dir / f"arith_data-v{ARITH_VERSION}-seed{seed}" / "heldout.jsonl"
+        return path if path.is_file() else write_arith_heldout(path, seed=seed)
+    return Path(name).absolute()
+
+
 def train_data_path(cfg: Config, cache_dir: Path) -> Path:
     """data.train as a file: "toy" and "arith" are generated once into the cache."""
     if cfg.data.train == "toy":
         return toy_data_paths(cache_dir, seed=cfg.data.seed)["train"]
     if cfg.data.train == "arith":
-        from sage_megatron.tasks.arith_data import write_arith_dataset
+        from sage_megatron.tasks.arith_data import VERSION as ARITH_VERSION, write_arith_dataset
 
-        path = cache_dir / f"arith_data-seed{cfg.data.seed}" / "train.jsonl"
+        path = cache_dir / f"arith_data-v{ARITH_VERSION}-seed{cfg.data.seed}" / "train.jsonl"
         return path if path.is_file() else write_arith_dataset(path, seed=cfg.data.seed)
     return Path(cfg.data.train).absolute()
 
@@ -87,4 +98,6 @@ def template_dir(name: str) -> Path:
     from sage_megatron.algo.templates import PAPER_TEMPLATES
     from sage_megatron.tasks.toy_task import TEMPLATE_DIR
 
-    return {"toy": TEMPLATE_DIR, "paper": PAPER_TEMPLATES}.get(name, Path(name))
+    from sage_megatron.tasks.arith_data import TEMPLATE_DIR as ARITH_TEMPLATES
+
+    return {"toy": TEMPLATE_DIR, "paper": PAPER_TEMPLATES, "arith": ARITH_TEMPLATES}.get(name, Path(name))

@@ -18,6 +18,7 @@ has no algorithm branches.
 """
 from __future__ import annotations
 
+import functools
 import json
 import time
 from dataclasses import dataclass, field, replace
@@ -26,8 +27,8 @@ from typing import Any
 
 from sage_megatron.config import Config, fp8_options, validate, validate_for_device, validate_for_model
 from sage_megatron.metrics import EVALS_FILE
-from sage_megatron.run_inputs import (converted_checkpoint, load_eval_rows, load_train_rows, resolve_model,
-                                       template_dir, toy_data_paths, train_data_path)
+from sage_megatron.run_inputs import (converted_checkpoint, eval_data_path, load_eval_rows, load_train_rows,
+                                       resolve_model, template_dir, train_data_path)
 
 # ============================================================================ the loop
 
@@ -167,7 +168,9 @@ class Trainer:
         tok = self.pool.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         self.encode = chat_encoder(tok)
-        self.reward = batch_math_reward
+        rw = cfg.reward
+        self.reward = functools.partial(batch_math_reward, extractor=rw.extractor, workers=rw.workers,
+                                        timeout_s=rw.timeout_s, batch_timeout_s=rw.batch_timeout_s)
         self.hinting = build_hinting(cfg, encode=self.encode)
         self.data = EpochIterator(load_train_rows(cfg, self.paths), batch_size=cfg.data.batch_size,
                                   seed=cfg.run.seed, shuffle=cfg.data.shuffle)
@@ -352,7 +355,7 @@ def prepare(cfg: Config) -> dict:
     hf_dir = resolve_model(cfg)
     validate_for_model(cfg, hf_dir)
     cache = Path(cfg.model.cache_dir)
-    eval_data = str(toy_data_paths(cache, seed=cfg.data.seed)["heldout"]) if cfg.eval.data == "toy" else cfg.eval.data
+    eval_data = str(eval_data_path(cfg.eval.data, cache, seed=cfg.data.seed)) if cfg.eval.data else ""
     paths = {"hf_dir": str(hf_dir), "base_ckpt": str(converted_checkpoint(cfg, hf_dir)),
              "train_data": str(train_data_path(cfg, cache)), "eval_data": eval_data}
     Path(cfg.run.dir).mkdir(parents=True, exist_ok=True)

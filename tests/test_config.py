@@ -57,6 +57,18 @@ def test_validate_reports_every_problem_at_once():
         assert part in msg
 
 
+def test_reward_keys_are_checked():
+    cfg = load_config(None, ["reward.extractor=final", "reward.workers=0", "reward.timeout_s=10",
+                             "reward.batch_timeout_s=5"])
+    with pytest.raises(ConfigError) as e:
+        validate(cfg)
+    msg = str(e.value)
+    for part in ("reward.extractor='final' is not one of ['answer_is', 'boxed', 'gsm8k', 'last_number']",
+                 "reward.workers=0", "reward.timeout_s=10.0 must be > 0 and <= reward.batch_timeout_s=5.0"):
+        assert part in msg
+    validate(load_config(None, ["reward.extractor=last_number", "eval.data=arith", "algorithm.templates=arith"]))
+
+
 def test_layout_checked_against_the_model(tiny_hf_factory):
     hf = tiny_hf_factory("llama")   # 4 heads, 2 kv heads, 2 layers
     validate_for_model(load_config(None, ["parallel.tp=2"]), hf)

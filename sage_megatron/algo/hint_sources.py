@@ -107,7 +107,8 @@ class ReferencePrefixHintSource:
     The solution is split into units (non-empty "lines", or "paragraphs" separated by blank lines);
     level l gets the first ceil(f_l * n) units (at least 1), f_l = ``fractions[l-1]``, by default
     l / L. NOTE: with the default f_L = 1 the last level is the whole solution, final answer
-    included; pass e.g. fractions=(0.25, 0.5, 0.75) to keep it out.
+    included; pass e.g. fractions=(0.25, 0.5, 0.75) to keep it out: with every fraction below 1 no level
+    gets the whole solution, and a one-unit solution gets no hints at all.
     """
 
     def __init__(self, *, levels: int = 3, unit: Literal["lines", "paragraphs"] = "lines",
@@ -132,5 +133,8 @@ class ReferencePrefixHintSource:
         if not units:
             return HintResult(hints=None)
         n = len(units)
-        counts = [min(n, max(1, math.ceil(f * n - 1e-9))) for f in self.fractions]
+        limit = n if max(self.fractions) >= 1 else n - 1   # fractions below 1 never give the whole solution
+        if limit < 1:
+            return HintResult(hints=None)
+        counts = [min(limit, max(1, math.ceil(f * n - 1e-9))) for f in self.fractions]
         return HintResult(hints={l: joiner.join(units[:k]) for l, k in enumerate(counts, start=1)})

@@ -4,16 +4,26 @@ A converted checkpoint folder holds:
   sage_megatron.json   metadata: format, architecture, padded vocabulary, dtype, layout written at, source
   hf/                  the HF config and tokenizer files (export writes them back unchanged)
   dist/                megatron-core dist checkpoint (torch_dist), loadable at any TP/PP
-All inputs are checked in the calling process before any rank is spawned.
+All inputs are checked in the calling process before any rank is spawned. Import: each rank reads only
+its own slices of the HF tensors. Export: streamed from the dist checkpoint's files a group of layers at
+a time, never the whole model (see the Megatron -> HF section).
 """
 from __future__ import annotations
 
 import json
+import math
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint import load as dcp_load
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, TensorStorageMetadata
+from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner
+from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 from sage_megatron.fsutil import atomic_output_dir
 from sage_megatron.parallel import weight_maps as wm
@@ -87,11 +97,37 @@ def check_layout_for(meta_or_arch: ModelArch, layout: ParallelLayout, padded_voc
                               "convert again from HF with this tp")
 
 
+def rss_gib(field: str = "VmHWM") -> float:
+    """This process's peak (VmHWM) or current (VmRSS) resident memory in GiB.
+
+    Not ``ru_maxrss``: Linux carries it across fork and exec, so a spawned rank would report its
+    launcher's RSS at fork time as its own. /proc's VmHWM belongs to this process image only.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 2**20     # kB
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def reset_peak_rss() -> bool:
+    """Set VmHWM back to the current RSS (Linux >= 4.0), so a later peak measures what came after."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 # ---- HF -> Megatron ---------------------------------------------------------------------------------
 
 def _import_rank(hf_dir: str, dist_dir: str, layout: ParallelLayout, dtype_name: str, padded_vocab: int) -> dict:
-    import resource
-
     import torch.distributed as dist
 
     from sage_megatron.parallel.distributed import init_parallel
@@ -102,10 +138,10 @@ def _import_rank(hf_dir: str, dist_dir: str, layout: ParallelLayout, dtype_name:
     arch = arch_from_hf_config(read_hf_config(hf_dir))
     model = build_gpt_model(arch, layout=layout, padded_vocab=padded_vocab, dtype=parse_dtype(dtype_name))
     reader = HFReader(hf_dir)
-    n = load_hf_into_model(model, arch=arch, get_hf=reader.get, padded_vocab=padded_vocab)
+    n = load_hf_into_model(model, arch=arch, get_slice=reader.get_slice, padded_vocab=padded_vocab)
     dist.barrier()
     save_dist_checkpoint(model, dist_dir)
-    return {"params_filled": n, "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    return {"params_filled": n, "peak_rss_gib": rss_gib()}
 
 
 def hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, *, tp: int = 1, pp: int = 1, dtype: str | None = None,
@@ -135,32 +171,178 @@ def hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, *, tp: int = 1, pp: 
 
 
 # ---- Megatron -> HF ---------------------------------------------------------------------------------
+#
+# Streaming export: peak memory is one group of layers plus one output shard, not the model (a 70B
+# model exported through a whole (tp=1, pp=1) model needed ~140 GB of RAM).
+#
+# Why read the files rather than build the model one pipeline stage at a time: megatron-core's
+# torch_dist format IS a torch.distributed.checkpoint (DCP) checkpoint whose keys are megatron's
+# sharded keys and whose tensors are GLOBAL tensors: TP shards are chunks at their offsets, and the
+# decoder's (homogeneous) layers are one key per parameter with a prepended layer axis, so a PP stage
+# is a run of chunks along it (``weight_maps.dist_checkpoint_key``). DCP reads any box of a key's
+# global tensor into a plain tensor, resharding from whatever chunks were written, without a process
+# group. So the export reads layer by layer, in groups of at most ``max_stage_bytes``, exactly the
+# global tensors the weight maps turn into HF tensors (``export_hf_tensors``, the same maps as import
+# and weight sync), and the shard writer takes them as they come. Building a stage instead would need
+# megatron's parallel state and a model per stage, a TP all-gather, and its granularity would be the
+# PP stage the checkpoint is loaded at (a pp=1 export would still hold the whole model).
 
-def _export_rank(ckpt_dir: str, out_dir: str, max_shard_bytes: int) -> dict:
-    import resource
 
-    from sage_megatron.parallel.distributed import init_parallel
-    from sage_megatron.parallel.model import build_gpt_model
-    from sage_megatron.parallel.shards import iter_global_tensors, load_dist_checkpoint
+class ChunkLoadPlanner(LoadPlanner):
+    """A DCP load planner that reads given boxes of checkpoint tensors into given tensors, and nothing else.
 
+    ``wants``: (key, global offsets, destination); the destination's shape is the box's size and its
+    dtype the one wanted (the storage reader's copy casts). Every element of every box must be covered
+    by saved chunks: checked while planning, so an incomplete checkpoint fails with the key named.
+    """
+
+    def __init__(self, wants: list[tuple[str, tuple[int, ...], torch.Tensor]], *, source: str):
+        self.wants, self.source = wants, source
+        self._dest: dict[tuple[str, tuple[int, ...]], torch.Tensor] = {}
+
+    def set_up_planner(self, state_dict, metadata=None, is_coordinator: bool = False) -> None:
+        self.metadata = metadata
+
+    def create_local_plan(self) -> LoadPlan:
+        items = []
+        for key, offsets, dest in self.wants:
+            md = self.metadata.state_dict_metadata.get(key)
+            if not isinstance(md, TensorStorageMetadata):
+                raise CheckpointError(f"{self.source}: no tensor {key!r} in the dist checkpoint")
+            box = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=dest.shape)
+            reads = create_read_items_for_chunk_list(key, md, [box]) if len(offsets) == len(md.size) else []
+            covered = sum(math.prod(r.lengths) for r in reads)
+            if covered != dest.numel():
+                raise CheckpointError(f"{self.source}: {key!r} of global shape {tuple(md.size)} does not cover "
+                                      f"offsets {tuple(offsets)} size {tuple(dest.shape)} ({covered} of "
+                                      f"{dest.numel()} elements saved): the checkpoint is incomplete or of "
+                                      "another architecture; re-run the conversion")
+            self._dest[(key, tuple(offsets))] = dest
+            items += reads
+        return LoadPlan(items)
+
+    def create_global_plan(self, global_plan: list[LoadPlan]) -> list[LoadPlan]:
+        return global_plan
+
+    def finish_plan(self, central_plan: LoadPlan) -> LoadPlan:
+        return central_plan
+
+    def load_bytes(self, read_item, value) -> None:
+        raise AssertionError(f"ChunkLoadPlanner reads tensors only, not {read_item.dest_index.fqn!r}")
+
+    def resolve_tensor(self, read_item) -> torch.Tensor:
+        """The part of the destination that this read (one saved chunk's overlap with the box) fills."""
+        index = read_item.dest_index
+        t = self._dest[(index.fqn, tuple(index.offset))]
+        for dim, (start, length) in enumerate(zip(read_item.dest_offsets, read_item.lengths)):
+            t = t.narrow(dim, start, length)
+        return t
+
+    def commit_tensor(self, read_item, tensor) -> None:
+        pass
+
+
+def check_torch_dist(dist_dir: Path) -> None:
+    """The dist checkpoint must be in megatron-core's torch_dist format (the one read here)."""
+    path = dist_dir / "metadata.json"
+    try:
+        backend = json.loads(path.read_text()).get("sharded_backend")
+    except (OSError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path} unreadable ({err}): not a megatron-core dist checkpoint") from None
+    if backend != "torch_dist":
+        raise CheckpointError(f"{path}: sharded backend {backend!r}; only megatron-core's 'torch_dist' can be "
+                              "exported (save the checkpoint with it)")
+
+
+def iter_dist_global_tensors(dist_dir: str | Path, mappings: list[wm.ParamMapping], *, dtype: torch.dtype,
+                             max_stage_bytes: int) -> Iterator[tuple[str, torch.Tensor]]:
+    """(mapping key, global tensor) for ``mappings``, in their order, read from a dist checkpoint written
+    at any TP/PP; no model, no process group.
+
+    Consecutive mappings are read together in groups of at most ``max_stage_bytes`` (one larger than
+    that is a group of its own): one DCP read per group. Yielded tensors are fresh ``dtype`` tensors that
+    nothing here keeps, so memory held is one group plus whatever the consumer keeps.
+    """
+    dist_dir = Path(dist_dir)
+    check_torch_dist(dist_dir)
+    reader = FileSystemReader(str(dist_dir))
+    saved = reader.read_metadata().state_dict_metadata
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    groups: list[list[tuple[str, str, tuple[int, ...], tuple[int, ...], bool]]] = [[]]
+    group_bytes = 0
+    for m in mappings:
+        key, layer = wm.dist_checkpoint_key(m.megatron_name)
+        if layer is not None and key not in saved:   # non-homogeneous layers are saved one key per layer
+            key, layer = key.replace("decoder.layers.", f"decoder.layers.{layer}.", 1), None
+        md = saved.get(key)
+        if not isinstance(md, TensorStorageMetadata):
+            raise CheckpointError(f"{dist_dir}: no tensor {key!r} (parameter {m.megatron_name}) in the dist "
+                                  "checkpoint: it was written for another architecture, or is incomplete")
+        shape = tuple(md.size)
+        if layer is None:
+            box, offsets = shape, (0,) * len(shape)
+        else:                                        # one layer: a (1, ...) box along the layer axis
+            box, offsets = (1, *shape[1:]), (layer,) + (0,) * (len(shape) - 1)
+        nbytes = itemsize * math.prod(box)
+        if groups[-1] and group_bytes + nbytes > max_stage_bytes:
+            groups.append([])
+            group_bytes = 0
+        groups[-1].append((m.megatron_name, key, offsets, box, layer is not None))
+        group_bytes += nbytes
+    for group in groups:
+        dests = [torch.empty(box, dtype=dtype) for _, _, _, box, _ in group]
+        wants = [(key, offsets, d) for (_, key, offsets, _, _), d in zip(group, dests)]
+        with warnings.catch_warnings():     # "torch.distributed is disabled ...": no process group is meant
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp_load({}, storage_reader=reader, planner=ChunkLoadPlanner(wants, source=str(dist_dir)), no_dist=True)
+        del wants
+        for i, (name, _, _, _, stacked) in enumerate(group):
+            t, dests[i] = dests[i], None             # hand over the only reference
+            yield name, (t[0] if stacked else t)
+            del t
+
+
+def _export_rank(ckpt_dir: str, out_dir: str, max_shard_bytes: int, max_stage_bytes: int) -> dict:
+    baseline = rss_gib("VmRSS")      # this process after its imports: the export's own memory is above it
+    reset_peak_rss()
     meta = read_meta(ckpt_dir)
-    layout = ParallelLayout(1, 1, 1)
-    init_parallel(layout)
-    model = build_gpt_model(meta.arch, layout=layout, padded_vocab=meta.padded_vocab, dtype=parse_dtype(meta.dtype))
-    load_dist_checkpoint(model, str(Path(ckpt_dir) / "dist"))
-    hf_tensors = wm.export_hf_tensors(meta.arch, iter_global_tensors(model, arch=meta.arch))
-    nbytes = write_hf_safetensors(hf_tensors, Path(out_dir), max_shard_bytes=max_shard_bytes)
-    return {"bytes": nbytes, "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    mappings = [m for m in wm.param_mappings(meta.arch) if m.exported]
+    model_bytes = 0
+
+    def counted(tensors):
+        nonlocal model_bytes
+        for name, t in tensors:
+            model_bytes += t.numel() * t.element_size()
+            yield name, t
+
+    global_tensors = iter_dist_global_tensors(Path(ckpt_dir) / "dist", mappings, dtype=parse_dtype(meta.dtype),
+                                              max_stage_bytes=max_stage_bytes)
+    nbytes = write_hf_safetensors(wm.export_hf_tensors(meta.arch, counted(global_tensors)), Path(out_dir),
+                                  max_shard_bytes=max_shard_bytes)
+    return {"bytes": nbytes, "model_bytes": model_bytes, "peak_rss_gib": rss_gib(), "baseline_rss_gib": baseline}
 
 
 def megatron_to_hf(ckpt_dir: str | Path, out_dir: str | Path, *, overwrite: bool = False,
-                   max_shard_bytes: int = 2 << 30) -> dict:
-    """Export a dist checkpoint (written at any layout) to an HF folder loadable by transformers and vLLM."""
+                   max_shard_bytes: int = 2 << 30, max_stage_bytes: int = 1 << 30) -> dict:
+    """Export a dist checkpoint (written at any layout) to an HF folder loadable by transformers and vLLM.
+
+    Streams group by group (see above): the export's memory is about max(max_stage_bytes, largest
+    tensor) plus the output shard being filled (max_shard_bytes; a tensor sliced from a larger one,
+    like gate from linear_fc1, keeps that one's storage until its shard is written), whatever the model
+    size. Runs in one spawned process, so its memory goes back to the system when done, with one thread:
+    the work is copies bounded by disk speed, and one thread cannot contend with a trainer sharing the
+    CPU (two threads ran 5x slower on a loaded 2-core machine). Returns seconds; bytes written;
+    model_bytes (the global tensors read, vocabulary padding included); the export process's
+    peak_rss_gib and baseline_rss_gib (its RSS after imports, before reading anything).
+    """
     ckpt = Path(ckpt_dir)
     meta = read_meta(ckpt)
+    if max_stage_bytes < 1 or max_shard_bytes < 1:
+        raise ValueError(f"max_stage_bytes={max_stage_bytes} and max_shard_bytes={max_shard_bytes} must be >= 1")
     t0 = time.perf_counter()
     with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
-        (result,) = run_distributed(_export_rank, world_size=1, args=(str(ckpt), str(tmp), max_shard_bytes))
+        (result,) = run_distributed(_export_rank, world_size=1, threads_per_rank=1,
+                                    args=(str(ckpt), str(tmp), max_shard_bytes, max_stage_bytes))
         copy_side_files(ckpt / "hf", tmp)
     return {"seconds": time.perf_counter() - t0, **result, "family": meta.arch.family}
 

@@ -6,7 +6,7 @@ gathered parameter. Both the converter and the per-iteration weight sync use the
 """
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -41,8 +41,9 @@ def tp_rank_and_size() -> tuple[int, int]:
 
 
 @torch.no_grad()
-def load_hf_into_model(model, *, arch: ModelArch, get_hf: Callable[[str], torch.Tensor], padded_vocab: int) -> int:
-    """Copy HF tensors into this rank's shards. Returns the number of parameters filled."""
+def load_hf_into_model(model, *, arch: ModelArch, get_slice: wm.GetSlice, padded_vocab: int) -> int:
+    """Copy HF tensors into this rank's shards, reading only this rank's slices of them
+    (``get_slice(name, dim, start, stop)``, e.g. ``HFReader.get_slice``). Returns the number of parameters filled."""
     rank, tp = tp_rank_and_size()
     maps = wm.mappings_by_name(arch)
     count = 0
@@ -50,7 +51,7 @@ def load_hf_into_model(model, *, arch: ModelArch, get_hf: Callable[[str], torch.
         m = maps.get(key)
         if m is None:
             raise wm.WeightMapError(f"Megatron parameter {key!r} has no mapping for family {arch.family}")
-        local = wm.shard(m, wm.to_global(m, get_hf, arch=arch, padded_vocab=padded_vocab), tp=tp, rank=rank)
+        local = wm.hf_shard(m, get_slice, arch=arch, padded_vocab=padded_vocab, tp=tp, rank=rank)
         if tuple(local.shape) != tuple(param.shape):
             raise wm.WeightMapError(f"{key}: mapped shard {tuple(local.shape)} != parameter {tuple(param.shape)}")
         param.copy_(local.to(param.dtype))

@@ -2,7 +2,8 @@
 
     python -m sage_megatron.tasks.arith_data --out runs/data/arith_train.jsonl --n 256 --seed 0
 
-Problems are generated, not downloaded (no hub here): a story of 1-4 operations on small integers
+Problems are generated, not downloaded (no hub here): a bare sum ("What is 12 + 7?", difficulty 0) or a
+story of 1-3 operations on small integers
 ("Mia has 12 apples. She buys 7 more and then gives 5 to a friend. How many apples does Mia have
 now?"), the reference solution one sentence per operation ("Mia starts with 12 apples. She buys 7
 more: 12 + 7 = 19. ..."), and the integer answer. Difficulty grows with the number of operations,
@@ -15,6 +16,8 @@ import argparse
 import random
 from pathlib import Path
 
+VERSION = 2   # bump when the generated rows change (the cache folder is named by it)
+TEMPLATE_DIR = Path(__file__).parent / "templates" / "arith"   # prompts a small model can follow
 NAMES = ("Mia", "Leo", "Ava", "Noah", "Zoe", "Sam", "Ivy", "Max")
 ITEMS = ("apples", "marbles", "stickers", "coins", "books", "pencils", "cards", "shells")
 
@@ -42,7 +45,11 @@ def _operation(rng: random.Random, value: int) -> tuple[str, str, int]:
 
 
 def make_row(index: int, rng: random.Random, steps: int) -> dict:
-    """One problem with ``steps`` operations."""
+    """One problem with ``steps`` operations; ``steps=0`` is a bare sum ("What is 12 + 7?")."""
+    if steps == 0:
+        a, b = rng.randint(2, 40), rng.randint(2, 40)
+        return {"index": index, "problem": f"What is {a} + {b}?", "solution": f"{a} + {b} = {a + b}.",
+                "answer": str(a + b), "steps": 0}
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
     start = value = rng.randint(3, 40)
     story, solution = [], [f"{name} starts with {start} {item}."]
@@ -58,10 +65,14 @@ def make_row(index: int, rng: random.Random, steps: int) -> dict:
             "steps": steps}
 
 
-def make_rows(n: int, *, seed: int = 0, max_steps: int = 4) -> list[dict]:
-    """``n`` rows, operations 1..max_steps in equal shares, deterministic in ``seed``."""
+MIN_STEPS, MAX_STEPS = 0, 3   # difficulty levels: a bare sum, then word problems of 1..3 operations
+
+
+def make_rows(n: int, *, seed: int = 0, min_steps: int = MIN_STEPS, max_steps: int = MAX_STEPS) -> list[dict]:
+    """``n`` rows, operations min_steps..max_steps in equal shares, deterministic in ``seed``."""
     rng = random.Random(f"arith/{seed}")
-    return [make_row(i, rng, 1 + i % max_steps) for i in range(n)]
+    levels = max_steps - min_steps + 1
+    return [make_row(i, rng, min_steps + i % levels) for i in range(n)]
 
 
 def write_arith_dataset(path: str | Path, *, n: int = 256, seed: int = 0) -> Path:
@@ -69,6 +80,27 @@ def write_arith_dataset(path: str | Path, *, n: int = 256, seed: int = 0) -> Pat
     from sage_megatron.tasks.toy_task import write_jsonl
 
     return write_jsonl(Path(path), make_rows(n, seed=seed))
+
+
+def make_heldout_rows(n: int, *, seed: int = 0, train_n: int = 256, min_steps: int = MIN_STEPS,
+                      max_steps: int = MAX_STEPS) -> list[dict]:
+    """``n`` held-out rows (operations min_steps..max_steps in equal shares) whose problems are not among
+    the ``train_n`` training rows of the same ``seed``."""
+    seen = {r["problem"] for r in make_rows(train_n, seed=seed, min_steps=min_steps, max_steps=max_steps)}
+    rng = random.Random(f"arith-heldout/{seed}")
+    levels = max_steps - min_steps + 1
+    rows: list[dict] = []
+    while len(rows) < n:
+        row = make_row(len(rows), rng, min_steps + len(rows) % levels)
+        if row["problem"] not in seen:
+            rows.append(row)
+    return rows
+
+
+def write_arith_heldout(path: str | Path, *, n: int = 96, seed: int = 0) -> Path:
+    from sage_megatron.tasks.toy_task import write_jsonl
+
+    return write_jsonl(Path(path), make_heldout_rows(n, seed=seed))
 
 
 def main(argv: list[str] | None = None) -> int:

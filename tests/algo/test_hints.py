@@ -165,11 +165,15 @@ def test_reference_prefix_source():
     row = PromptRow(index=0, problem="p", solution="a\nb\nc\n\nd", answer="x")
     out = ReferencePrefixHintSource().write_hints({"u": row}, sampler=None)["u"]
     assert out.hints == {1: "a\nb", 2: "a\nb\nc", 3: "a\nb\nc\nd"}
-    # paragraphs: [p1 (2 lines), p2, p3] -> 1, 2, 3 paragraphs; custom fractions 0.25, 0.5, 0.75 of 3
-    # -> ceil(0.75)=1, ceil(1.5)=2, ceil(2.25)=3
+    # paragraphs: [p1 (2 lines), p2, p3]; custom fractions 0.25, 0.5, 0.75 of 3 -> ceil(0.75)=1,
+    # ceil(1.5)=2, ceil(2.25)=3 capped at 2: a fraction below 1 never hands over the whole solution
     row = PromptRow(index=0, problem="p", solution="p1\np1b\n\np2\n\n\np3", answer="x")
     out = ReferencePrefixHintSource(unit="paragraphs", fractions=(0.25, 0.5, 0.75)).write_hints({"u": row})["u"]
-    assert out.hints == {1: "p1\np1b", 2: "p1\np1b\n\np2", 3: "p1\np1b\n\np2\n\np3"}
+    assert out.hints == {1: "p1\np1b", 2: "p1\np1b\n\np2", 3: "p1\np1b\n\np2"}
+    # a one-line solution ("12 + 7 = 19.") has no prefix short of the answer: no hints with fractions < 1
+    one = PromptRow(index=0, problem="p", solution="12 + 7 = 19.", answer="19")
+    assert not ReferencePrefixHintSource(fractions=(0.25, 0.5, 0.75)).write_hints({"u": one})["u"].ok
+    assert ReferencePrefixHintSource().write_hints({"u": one})["u"].hints[3] == "12 + 7 = 19."
     empty = PromptRow(index=0, problem="p", solution="  \n", answer="x")
     assert not ReferencePrefixHintSource().write_hints({"u": empty})["u"].ok
 

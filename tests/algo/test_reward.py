@@ -6,7 +6,8 @@ import time
 
 import pytest
 
-from sage_megatron.algo.reward import MathVerifier, batch_math_reward, extract_last_boxed, math_reward
+from sage_megatron.algo.reward import (MathVerifier, answer_extractor, batch_math_reward, extract_last_boxed,
+                                        math_reward)
 
 BOUND_S = 15.0  # generous wall-clock bound per adversarial call on a loaded 2-core machine
 
@@ -104,5 +105,81 @@ def test_worker_runs_under_the_memory_cap():
         limits = open(f"/proc/{v._proc.pid}/limits").read()
         line = next(l for l in limits.splitlines() if l.startswith("Max address space"))
         assert line.split()[3:5] == ["805306368", "805306368"]
+    finally:
+        v.close()
+
+
+# ----------------------------------------------------------------------------- extractors
+
+
+@pytest.mark.parametrize("extractor, text, expected", [
+    ("answer_is", "12 + 7 = 19. The answer is 19.", "19"),
+    ("answer_is", "So the final answer is: $7$", "7"),
+    ("answer_is", "THE ANSWER IS 3.5.\nThanks", "3.5"),
+    ("answer_is", "The answer is \\boxed{\\frac{1}{2}}.", "\\frac{1}{2}"),
+    ("answer_is", "the answer is 4. Wait, the answer is **5**.", "5"),           # the last one counts
+    ("answer_is", "I think it is 5", None),
+    ("gsm8k", "She has 1,200 - 200 = 1,000.\n#### 1,000", "1000"),
+    ("gsm8k", "#### 3\nmore text\n#### 4", "4"),
+    ("gsm8k", "The answer is 4", None),
+    ("last_number", "Mia starts with 12. 12 + 7 = 19 apples.", "19"),
+    ("last_number", "It drops to -3,500.25 degrees", "-3500.25"),
+    ("last_number", "no digits here", None),
+    ("boxed", "The answer is 19.", None),
+])
+def test_answer_extractors(extractor, text, expected):
+    assert answer_extractor(extractor)(text) == expected
+
+
+def test_unknown_extractor_names_the_valid_ones():
+    with pytest.raises(ValueError, match="answer_is.*boxed.*gsm8k.*last_number"):
+        answer_extractor("final")
+
+
+@pytest.mark.parametrize("extractor", ["answer_is", "gsm8k", "last_number"])
+def test_extractors_are_linear_on_a_megabyte(extractor):
+    text = ("answer is 1 #### 2 " * 60_000)[:1_000_000] + "x" * 1_000_000
+    t0 = time.monotonic()
+    answer_extractor(extractor)(text)
+    assert time.monotonic() - t0 < BOUND_S
+
+
+@pytest.mark.parametrize("extractor, response, truth, expected", [
+    ("answer_is", "The answer is 19 apples.", "19", 1.0),       # math-verify reads the number
+    ("answer_is", "The answer is 0.5.", "1/2", 1.0),
+    ("answer_is", "The answer is 20.", "19", 0.0),
+    ("gsm8k", "#### 1,000", "1000", 1.0),
+    ("last_number", "so she has 6/2 = 3", "3", 1.0),
+    ("last_number", "so she has 3 apples, not 4", "3", 0.0),
+])
+def test_extractors_feed_math_verify(extractor, response, truth, expected):
+    assert batch_math_reward([(response, truth)], extractor=extractor) == [expected]
+
+
+# ----------------------------------------------------------------------------- parallel workers
+
+
+def test_pairs_spread_over_workers_keep_their_order():
+    v = MathVerifier(workers=2)
+    try:
+        pairs = [("\\boxed{6/2}", "3"), ("\\boxed{2}", "3"), ("\\boxed{0.5}", "1/2"), ("\\boxed{1/3}", "0.5"),
+                 ("none", "3"), ("\\boxed{3}", "3")]
+        assert v.score_batch(pairs) == [1.0, 0.0, 1.0, 0.0, 0.0, 1.0]
+        pids = {w.proc.pid for w in v._workers if w is not None}
+        assert len(pids) == 2                       # both workers took pairs
+        assert v.stats.no_answer == 1 and v.stats.exact == 1
+    finally:
+        v.close()
+
+
+def test_batch_deadline_bounds_many_adversarial_answers():
+    # 6 power towers, each far past the 1 s deadline: scored 0.0 at the batch deadline, not 6 x 30 s.
+    v = MathVerifier(timeout_s=30.0, workers=2, batch_timeout_s=1.0)
+    try:
+        t0 = time.monotonic()
+        assert v.score_batch([("\\boxed{9^{9^{9^9}}}", "1")] * 6) == [0.0] * 6
+        assert time.monotonic() - t0 < BOUND_S
+        assert v.stats.past_deadline == 6
+        assert v.score_batch([("\\boxed{3/6}", "0.5")]) == [1.0]    # killed workers are restarted
     finally:
         v.close()

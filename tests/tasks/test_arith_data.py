@@ -9,8 +9,12 @@ from sage_megatron.tasks.arith_data import make_rows, write_arith_dataset
 def test_every_solution_step_and_answer_is_right():
     rows = make_rows(200, seed=3)
     assert [r["index"] for r in rows] == list(range(200))
-    assert {r["steps"] for r in rows} == {1, 2, 3, 4}
+    assert {r["steps"] for r in rows} == {0, 1, 2, 3}
     for r in rows:
+        if r["steps"] == 0:                                # "What is a + b?"
+            a, b = map(int, re.fullmatch(r"What is (\d+) \+ (\d+)\?", r["problem"]).groups())
+            assert r["answer"] == str(a + b) and r["solution"] == f"{a} + {b} = {a + b}."
+            continue
         lines = r["solution"].split("\n")
         start = int(re.search(r"starts with (\d+)", lines[0]).group(1))
         assert f"has {start} " in r["problem"] and r["problem"].endswith("have now?")
@@ -43,3 +47,13 @@ def test_reward_accepts_the_reference_answer():
     r = make_rows(4, seed=0)[3]
     assert math_reward(f"... so the answer is \\boxed{{{r['answer']}}}", r["answer"]) == 1.0
     assert math_reward(f"\\boxed{{{int(r['answer']) + 1}}}", r["answer"]) == 0.0
+
+
+def test_heldout_rows_are_new_problems_over_every_level():
+    from sage_megatron.tasks.arith_data import make_heldout_rows
+
+    train = {r["problem"] for r in make_rows(256, seed=0)}
+    heldout = make_heldout_rows(96, seed=0)
+    assert [r["steps"] for r in heldout[:8]] == [0, 1, 2, 3] * 2
+    assert not train & {r["problem"] for r in heldout}
+    assert len({r["problem"] for r in heldout}) > 90      # few repeats within the set itself
