@@ -6,8 +6,10 @@ scaling, the training actor one rank per node (2 nodes: dp=2 across the nodes) a
 node, then fitting the perf model's CPU constants (bench/scaling.py --fit).
 
     python bench/scaling_local_cluster.py --out docs/results/scaling_cpu_2nodes_tiny      # overheads only
-    python bench/scaling_local_cluster.py --config configs/smollm2_arith.yaml \
-        --out docs/results/scaling_cpu_2nodes_smollm2                                       # a real model
+    python bench/scaling_local_cluster.py --config configs/smollm2_arith.yaml --set rollout.kv_cache_gib=1 \
+        --set parallel.micro_batch_size=4 --out docs/results/scaling_cpu_2nodes_smollm2      # a real model
+        (2 engines and 2 fp32 ranks of SmolLM2 fit this machine's 24 GiB only with the smaller KV cache
+        and micro-batch)
 
 Without --config the model is the tests' tiny random Llama (its figures are per-call overheads and the
 emulated network, not compute). With --config, that run config as it is (its model, batch and lengths,
@@ -39,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=1, help="steps dropped first [1]")
     ap.add_argument("--batch", type=int, default=4, help="prompts per step (per node when weak) [4]")
     ap.add_argument("--config", help="run config to sweep [configs/toy.yaml with a tiny random Llama]")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra config override for every run (repeatable), e.g. rollout.kv_cache_gib=1")
     ap.add_argument("--timeout", type=float, default=3600)
     a = ap.parse_args(argv)
 
@@ -51,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides = [f"model.hf_dir={hf}", f"model.cache_dir={work / 'cache'}", "algorithm.name=sage",
                      "algorithm.hint_source=reference_prefix", "rollout.max_tokens=12", "rollout.group_size=4",
                      "parallel.micro_batch_size=4", "eval.data="]
+    overrides += a.set
     with SlurmCluster(ClusterSpec(num_nodes=2)) as cluster:
         env = {"SAGE_LOG_DIR": str(work / "logs"), "SAGE_RAY_TMPDIR": cluster.ray_tmp_dir,
                "SAGE_SCALING_TRAINER": "1", "SAGE_SCALING_MODE": "both", "SAGE_SCALING_NODES": "1,2",
