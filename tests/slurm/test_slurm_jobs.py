@@ -271,6 +271,7 @@ def test_missing_config_fails_fast_with_the_file_named(slurm_cluster, tmp_path):
     assert "configs/no_such_run.yaml not found" in log
 
 
+@pytest.mark.slow   # make test kills a node under the real trainer (test_node_holding_a_trainer_rank_...)
 def test_ray_node_dying_during_training_fails_the_job(slurm_cluster, tmp_path):
     job = submit(slurm_cluster, "train.sbatch", tmp_path,
                  env={"SAGE_TRAIN_CMD": "python -c 'import time; time.sleep(300)'", "SAGE_WATCH_INTERVAL": "1"})
