@@ -248,14 +248,15 @@ def cpu_trainer_setup(run_dir: Path, rows: list[dict], *, engines: int, prompt_t
 
 def cpu_trainer_prediction(run_dir: Path, rows: list[dict], *, engines: int, prompt_tokens: float,
                            fallback_model: str = "tiny",
-                           eff: Efficiency = CPU_FITTED_EFFICIENCY) -> tuple[dict, dict]:
-    """The perf model for a trainer run on this CPU machine: (prediction, what it assumed); the run
-    as `cpu_trainer_setup` reads it, CPU_THIS_MACHINE peaks, `eff` (the fitted CPU calibration)."""
+                           eff: Efficiency = CPU_FITTED_EFFICIENCY) -> tuple[dict, dict, FitRun]:
+    """The perf model for a trainer run on this CPU machine: (prediction, what it assumed, the run as
+    a FitRun for --fit); the run as `cpu_trainer_setup` reads it, CPU_THIS_MACHINE peaks, `eff` (the
+    fitted CPU calibration)."""
     model, lay, work, assumed = cpu_trainer_setup(run_dir, rows, engines=engines, prompt_tokens=prompt_tokens,
                                                   fallback_model=fallback_model)
     pred = with_other(step_time(model, lay, work, CPU_THIS_MACHINE, eff).as_metrics())
     assumed["efficiency"] = dataclasses.asdict(eff)
-    return pred, assumed
+    return pred, assumed, FitRun(summarize(rows), model, lay, work, CPU_THIS_MACHINE, run_dir.name)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -558,20 +559,18 @@ def main(argv: list[str] | None = None) -> int:
                             row["batch"] = batch
                         row["measured"] = summarize(read_metrics(metrics, warmup=a.warmup))
                         if hardware == "cpu":
-                            rows = read_metrics(metrics, warmup=a.warmup)
                             try:
-                                cm, lay, work, assumed = cpu_trainer_setup(
-                                    metrics.parent, rows, engines=n * a.engines_per_node,
-                                    prompt_tokens=a.prompt_tokens, fallback_model=a.model or "tiny")
+                                pred, assumed, fit_run = cpu_trainer_prediction(
+                                    metrics.parent, read_metrics(metrics, warmup=a.warmup),
+                                    engines=n * a.engines_per_node, prompt_tokens=a.prompt_tokens,
+                                    fallback_model=a.model or "tiny")
                             except ValueError as e:
                                 print(f"[scaling] no prediction for {name}: {e}", file=sys.stderr)
                                 row.update(predicted={}, prediction_model=None)
-                            else:   # as cpu_trainer_prediction does
-                                pred = with_other(step_time(cm, lay, work, CPU_THIS_MACHINE,
-                                                            CPU_FITTED_EFFICIENCY).as_metrics())
-                                assumed["efficiency"] = dataclasses.asdict(CPU_FITTED_EFFICIENCY)
-                                row.update(predicted=pred, prediction_model=cm.name, prediction_assumed=assumed)
-                                fit_runs[name] = FitRun(row["measured"], cm, lay, work, CPU_THIS_MACHINE, name)
+                            else:
+                                row.update(predicted=pred, prediction_model=assumed["model"]["name"],
+                                           prediction_assumed=assumed)
+                                fit_runs[name] = fit_run
                                 row["fit_run"] = name
                         else:
                             row.update(predicted=gpu_prediction(n, tp, pp, scaling), prediction_model=a.model or "7b")

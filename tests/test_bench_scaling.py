@@ -114,7 +114,7 @@ def test_cpu_prediction_places_ranks_as_the_run_did(tmp_path):
     for rpn in (1, 0):
         run = _run_dir(tmp_path, dp=2, ranks_per_node=rpn)
         rows = sc.read_metrics(run / "metrics.jsonl", warmup=1)
-        pred, assumed = sc.cpu_trainer_prediction(run, rows, engines=2, prompt_tokens=80)
+        pred, assumed, _ = sc.cpu_trainer_prediction(run, rows, engines=2, prompt_tokens=80)
         preds[rpn] = pred
         assert (assumed["train_ranks"], assumed["ranks_per_node"], assumed["train_nodes"]) == (
             (2, 1, 2) if rpn == 1 else (2, 2, 1))
