@@ -164,6 +164,8 @@ class AlgorithmConfig:
     """Entropy bonus weight."""
     loss_agg: str = "token-mean"
     """Loss aggregation over the mini-batch."""
+    mask_truncated: bool = False
+    """DAPO overlong filtering: responses cut at rollout.max_tokens get advantage 0 (no policy gradient)."""
 
 
 @dataclass(frozen=True)

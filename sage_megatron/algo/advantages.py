@@ -78,6 +78,23 @@ def group_advantages(groups: Sequence[PromptGroup], *, std_mode: StdMode = DEFAU
     return out
 
 
+def mask_truncated(groups: Sequence[PromptGroup], advantages: dict[str, list[float]]) -> dict[str, list[float]]:
+    """DAPO's overlong filtering: a response cut at max_tokens (finish_reason "length") gets advantage 0,
+    so it adds no policy gradient; its reward still counted in its group's mean and std.
+
+    Why: a small model's unfinished rambles are most of a hard batch, and pushing their sampled tokens
+    down (a negative advantage over 100s of tokens) raises entropy and length instead of teaching the
+    answer. Returns a new dict; ``advantages`` is not changed.
+    """
+    out: dict[str, list[float]] = {}
+    for g in groups:
+        adv = advantages[g.uid]
+        if len(adv) != len(g.samples):
+            raise ValueError(f"group {g.uid!r}: {len(adv)} advantages for {len(g.samples)} samples")
+        out[g.uid] = [0.0 if s.finish_reason == "length" else a for s, a in zip(g.samples, adv)]
+    return out
+
+
 def zero_advantage_mask(rewards: torch.Tensor) -> torch.Tensor:
     """True for groups whose rewards are all equal (every advantage is exactly 0).
 

@@ -12,9 +12,10 @@ from sage_megatron.algo.advantages import (
     grpo_advantages,
     grpo_advantages_ragged,
     is_zero_advantage,
+    mask_truncated,
     zero_advantage_mask,
 )
-from sage_megatron.types import PromptGroup
+from sage_megatron.types import PromptGroup, Sample
 
 EPS = 1e-6
 
@@ -80,6 +81,25 @@ def test_group_advantages_keyed_by_uid():
     assert out["b"] == pytest.approx([-0.5 / s, 0.5 / s], rel=1e-6)
     with pytest.raises(ValueError, match="duplicate"):
         group_advantages(groups + [groups[0]])
+
+
+def _sample(finish_reason: str) -> Sample:
+    return Sample(uid="s", prompt_ids=(1,), response_ids=[2], logprobs=[-0.1], finish_reason=finish_reason,
+                  weight_version=0)
+
+
+def test_mask_truncated_zeroes_only_responses_cut_at_max_tokens():
+    # rewards [1, 0, 0]: mean 1/3, unbiased std sqrt(1/3); the cut response (index 2) keeps its place in the
+    # group statistics (the other wrong one is -1/3 / std, not the 2-sample value) but gets advantage 0.
+    group = PromptGroup(uid="g", row_index=0, prompt_ids=(1,), rewards=[1.0, 0.0, 0.0],
+                        samples=[_sample("stop"), _sample("stop"), _sample("length")])
+    adv = group_advantages([group])
+    s = math.sqrt(1 / 3) + EPS
+    out = mask_truncated([group], adv)
+    assert out["g"] == pytest.approx([(2 / 3) / s, (-1 / 3) / s, 0.0], rel=1e-6)
+    assert adv["g"][2] == pytest.approx((-1 / 3) / s, rel=1e-6)        # the input is not changed
+    with pytest.raises(ValueError, match="2 advantages for 3 samples"):
+        mask_truncated([group], {"g": [0.0, 1.0]})
 
 
 def test_zero_advantage_detection_and_broadcast():
