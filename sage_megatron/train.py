@@ -215,13 +215,15 @@ class Trainer:
     def old_logprobs(self, batches: list) -> tuple[list, dict[str, float]]:
         """pi_old for each mini-batch (skipped when the step has one update, see actor.old_logprobs), and how
         far the engine's sampling log-probs are from the actor's own (a sync or numerics mismatch shows here)."""
+        from sage_megatron.actor.batch import rows_response_mask
         from sage_megatron.algo.metrics_math import logprob_gap
 
         out, gaps = [], []
         for b in batches:
             old = self.actor.old_logprobs(b, only_update=len(batches) == 1)
             if old is not None and b.behavior is None:
-                gaps.append(logprob_gap(b.old_logp, old, b.response_mask))
+                computed = rows_response_mask(b, self.actor.rows_to_run(b))   # pi_old's rows only
+                gaps.append(logprob_gap(b.old_logp, old, computed))
             out.append(replace(b, old_logp=old))
         return out, (mean_of(gaps, prefix="rollout/") if gaps else {})
 

@@ -173,6 +173,15 @@ def rows_with_gradient(advantages: torch.Tensor, *, kl_coef: float, entropy_coef
     return None if len(rows) == len(advantages) else rows
 
 
+def rows_response_mask(batch: TrainBatch, rows: torch.Tensor | None) -> torch.Tensor:
+    """``batch.response_mask`` (B, T) with only ``rows`` kept (every row when None)."""
+    if rows is None:
+        return batch.response_mask
+    keep = torch.zeros(batch.response_mask.shape[0], dtype=batch.response_mask.dtype)
+    keep[rows] = 1
+    return batch.response_mask * keep[:, None]
+
+
 def select_rows(batch: TrainBatch, rows: torch.Tensor) -> TrainBatch:
     """``rows`` of every tensor, cut after the last response column any of them has (causal: the
     log-probs of the columns kept do not depend on the right padding dropped)."""

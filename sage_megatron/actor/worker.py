@@ -226,16 +226,37 @@ class MegatronActor:
         under the context the responses were sampled in: ``batch.behavior`` when set (loss context
         "original"), else the batch itself. Collective, like ``compute_logprobs``.
 
+        Only the rows the update will run are computed (``rows_to_run``); the others, whose gradient is
+        exactly 0 and whose pi_old is never read, stay 0.
+
         ``only_update``: the batch gets the step's only optimizer update, with the weights it was sampled
         with. pi_old is then the update's own forward pass: returns None (no extra forward; see
         TrainBatch.old_logp), except under the "original" context, whose pi_old is on other rows."""
         if only_update and batch.behavior is None:
             return None
         sampled = batch.behavior if batch.behavior is not None else batch
-        logp = self.compute_logprobs(sampled) * sampled.response_mask
+        logp = self._response_logprobs(sampled, self.rows_to_run(batch))
         if batch.behavior is None:
             return logp
         return move_response_values(logp, sampled.response_mask, batch.response_mask)
+
+    def rows_to_run(self, batch: TrainBatch) -> torch.Tensor | None:
+        """Indices of the rows ``train_step`` runs; None = every row. Rows whose gradient is exactly 0 (advantage
+        0 with the KL and entropy coefficients at 0) are skipped unless ``skip_zero_advantage_rows`` is off."""
+        cfg = self.config
+        if not cfg.skip_zero_advantage_rows:
+            return None
+        return rows_with_gradient(batch.advantages, kl_coef=cfg.kl_coef, entropy_coef=cfg.entropy_coef)
+
+    def _response_logprobs(self, batch: TrainBatch, rows: torch.Tensor | None) -> torch.Tensor:
+        """``compute_logprobs`` at the response columns (0 elsewhere), of ``rows`` only when given (others 0)."""
+        if rows is None:
+            return self.compute_logprobs(batch) * batch.response_mask
+        out = torch.zeros(batch.response_mask.shape, dtype=torch.float32)
+        if len(rows):
+            run = select_rows(batch, rows)
+            out[rows, :run.tokens.shape[1]] = self.compute_logprobs(run) * run.response_mask
+        return out
 
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
         """One optimizer step on the whole batch (split over DP ranks and micro-batches).
@@ -261,8 +282,7 @@ class MegatronActor:
         num_seqs = float(batch.tokens.shape[0])
         # Rows with an exactly zero gradient are not run; the loss keeps the whole batch's denominators,
         # so the gradient equals the unskipped step's.
-        rows = (rows_with_gradient(batch.advantages, kl_coef=cfg.kl_coef, entropy_coef=cfg.entropy_coef)
-                if cfg.skip_zero_advantage_rows else None)
+        rows = self.rows_to_run(batch)
         run = batch if rows is None else select_rows(batch, rows)
         self.model.train()
         self.model.zero_grad_buffer()

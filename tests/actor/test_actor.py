@@ -22,7 +22,8 @@ import io
 import pytest
 import torch
 
-from sage_megatron.actor.batch import TrainBatch, batch_from_groups, move_response_values, pad_rows
+from sage_megatron.actor.batch import (TrainBatch, batch_from_groups, move_response_values, pad_rows,
+                                       rows_response_mask)
 from sage_megatron.actor.logprobs import align_to_tokens, next_token_targets
 from sage_megatron.parallel.layout import ParallelLayout
 from sage_megatron.types import PromptGroup, Sample
@@ -123,6 +124,17 @@ def test_alignment_helpers_and_row_padding():
     groups, adv = make_groups(vocab_size=50)
     b = pad_rows(batch_from_groups(groups, adv, pad_id=PAD_ID, max_len=64), multiple=4, pad_id=PAD_ID)
     assert b.tokens.shape[0] == 8 and b.response_mask[6:].sum() == 0 and b.advantages[6:].abs().sum() == 0
+
+
+def test_rows_response_mask_keeps_only_the_rows_given():
+    groups, adv = make_groups(vocab_size=50)
+    b = batch_from_groups(groups, adv, pad_id=PAD_ID, max_len=64)
+    assert rows_response_mask(b, None) is b.response_mask
+    kept = rows_response_mask(b, torch.tensor([1, 3]))
+    for row in range(b.tokens.shape[0]):
+        expected = b.response_mask[row] if row in (1, 3) else torch.zeros_like(b.response_mask[row])
+        assert torch.equal(kept[row], expected), row
+    assert b.response_mask[0].sum() > 0                 # the input is not changed
 
 
 def test_cuda_to_cpu_mode_answers_cuda_tensor_types():
@@ -368,12 +380,13 @@ def _skip_world(ckpt: str, layout: ParallelLayout, batch: TrainBatch) -> bytes:
         cfg = ActorConfig(ckpt_dir=ckpt, layout=layout, **(TRAIN | dict(kl_coef=0.0, entropy_coef=0.0)),
                           skip_zero_advantage_rows=skip)
         actor = MegatronActor(cfg)
+        old_logp = actor.old_logprobs(batch)          # the pi_old pass, before the weights move
         metrics = actor.train_step(batch)
         # then a batch whose every advantage is 0: nothing runs, the optimizer still steps (momentum)
         all_zero = actor.train_step(dataclasses.replace(batch, advantages=torch.zeros_like(batch.advantages)))
         weights = {k: v.clone() for k, v in actor.global_tensors()}
         keep = ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0
-        out[skip] = (metrics, weights if keep else {}, all_zero)
+        out[skip] = (metrics, weights if keep else {}, all_zero, old_logp)
     buf = io.BytesIO()
     torch.save(out, buf)
     return buf.getvalue()
@@ -381,9 +394,10 @@ def _skip_world(ckpt: str, layout: ParallelLayout, batch: TrainBatch) -> bytes:
 
 @pytest.mark.multiproc
 def test_skipping_zero_advantage_rows_takes_the_same_step(tiny_hf_factory, tmp_path):
-    """Rows of all-same-reward groups (advantage 0) are not run when KL and entropy are off; the step
-    (gradient norm, weights after one AdamW step, then one more on an all-zero batch where nothing runs)
-    equals the unskipped one within 1e-6 at tp=1, tp=2, pp=2, dp=2."""
+    """Rows of all-same-reward groups (advantage 0) are not run when KL and entropy are off, in the update
+    and in the pi_old pass; the step (gradient norm, weights after one AdamW step, then one more on an
+    all-zero batch where nothing runs) and pi_old on the rows run equal the unskipped ones within 1e-6
+    at tp=1, tp=2, pp=2, dp=2."""
     from sage_megatron.parallel.convert import hf_to_megatron, read_meta
     from sage_megatron.parallel.launch import run_distributed
 
@@ -411,6 +425,12 @@ def test_skipping_zero_advantage_rows_takes_the_same_step(tiny_hf_factory, tmp_p
         assert sorted(w_skip) == sorted(w_full) and w_skip
         moved = max((w_full[k] - w_skip[k]).abs().max().item() for k in w_full)
         assert moved <= 1e-6, (layout, moved)
+        # the pi_old pass runs the same rows: equal on them, 0 on the skipped ones (never read)
+        old_skip, old_full = ranks[0][True][3], ranks[0][False][3]
+        trained = batch.advantages != 0
+        assert old_full[trained].abs().sum() > 0 and old_full[~trained].abs().sum() > 0
+        assert (old_skip[trained] - old_full[trained]).abs().max().item() <= 1e-6, layout
+        assert old_skip[~trained].abs().max().item() == 0.0, layout
 
 
 def _entropy_rank():
