@@ -36,7 +36,7 @@ from sage_megatron.run_inputs import (converted_checkpoint, eval_data_path, load
 def training_loop(t: "Trainer") -> dict:
     """next batch -> rollout + reward + hints -> advantages -> old/ref log-probs -> update -> weight sync
     -> log -> checkpoint. Same call sequence on every rank; rank-0-only work is inside the helpers."""
-    from sage_megatron.algo.advantages import group_advantages, mask_truncated
+    from sage_megatron.algo.advantages import step_advantages
     from sage_megatron.algo.metrics_math import step_group_metrics
     from sage_megatron.metrics import PhaseTimer
     from sage_megatron.rollout.weight_sync import sync_weights
@@ -47,10 +47,7 @@ def training_loop(t: "Trainer") -> dict:
         with timer.phase("step"):
             out = t.broadcast(t.rollout_with_hints(step) if t.rank == 0 else None)    # rank 0 samples
             with timer.phase("advantages"):
-                adv = group_advantages(out.groups, std_mode=cfg.algorithm.std_mode, eps=cfg.algorithm.adv_eps)
-                if cfg.algorithm.mask_truncated:
-                    adv = mask_truncated(out.groups, adv)
-                batches = t.mini_batches(out.groups, adv)
+                batches = t.mini_batches(out.groups, step_advantages(out.groups, cfg.algorithm))
             with timer.phase("logprob"):
                 batches, logp_gap = t.old_logprobs(batches)
             with timer.phase("ref_logprob"):

@@ -95,6 +95,13 @@ def mask_truncated(groups: Sequence[PromptGroup], advantages: dict[str, list[flo
     return out
 
 
+def step_advantages(groups: Sequence[PromptGroup], algorithm) -> dict[str, list[float]]:
+    """The training step's advantages under an ``AlgorithmConfig``: group advantages (its std_mode, adv_eps),
+    then ``mask_truncated`` when the config asks for it."""
+    adv = group_advantages(groups, std_mode=algorithm.std_mode, eps=algorithm.adv_eps)
+    return mask_truncated(groups, adv) if algorithm.mask_truncated else adv
+
+
 def zero_advantage_mask(rewards: torch.Tensor) -> torch.Tensor:
     """True for groups whose rewards are all equal (every advantage is exactly 0).
 

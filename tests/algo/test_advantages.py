@@ -13,6 +13,7 @@ from sage_megatron.algo.advantages import (
     grpo_advantages_ragged,
     is_zero_advantage,
     mask_truncated,
+    step_advantages,
     zero_advantage_mask,
 )
 from sage_megatron.types import PromptGroup, Sample
@@ -100,6 +101,11 @@ def test_mask_truncated_zeroes_only_responses_cut_at_max_tokens():
     assert adv["g"][2] == pytest.approx((-1 / 3) / s, rel=1e-6)        # the input is not changed
     with pytest.raises(ValueError, match="2 advantages for 3 samples"):
         mask_truncated([group], {"g": [0.0, 1.0]})
+    # the trainer's call: the config decides
+    from sage_megatron.config import AlgorithmConfig
+
+    assert step_advantages([group], AlgorithmConfig(mask_truncated=True)) == out
+    assert step_advantages([group], AlgorithmConfig()) == adv
 
 
 def test_zero_advantage_detection_and_broadcast():
