@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 from sage_megatron.metrics import EVALS_FILE, read_evals, read_metrics
 from sage_megatron.provenance import provenance
-from sage_megatron.train import train
+from sage_megatron.train import train_runs
 
 HELDOUT_KEYS = ("accuracy", "accuracy_ci95", "hard_accuracy", "hard_accuracy_ci95")
 
@@ -58,18 +58,24 @@ def share_start(summary: dict, *, source: str, target: str, out: Path) -> None:
 
 def run_algorithms(out_dir: str | Path, *, config: str, overrides: Sequence[str] = (),
                    algorithms: Sequence[str] = ("grpo", "sage")) -> dict[str, Any]:
-    """Each algorithm from the same start and seed into out_dir/<name>; their summaries, start shared."""
+    """Each algorithm from the same start and seed into out_dir/<name>, back to back in one session (one
+    start-up of Ray, ranks and engines: ``train.train_runs``); their summaries, start evaluation shared."""
     from sage_megatron.config import load_config
 
     out = Path(out_dir)
+    cfgs = [load_config(config, [*overrides, f"algorithm.name={name}", f"run.dir={out / name}", "run.resume=false",
+                                 *(["eval.at_start=false"] if i > 0 else [])])
+            for i, name in enumerate(algorithms)]
+    c = cfgs[0]
+    print(f"=== {', then '.join(algorithms)} in one session: {c.run.steps} steps each, batch {c.data.batch_size} x "
+          f"G={c.rollout.group_size}, lr {c.optim.lr:g}, seed {c.run.seed}", flush=True)
+    results = train_runs(cfgs)
+    if len(results) < len(cfgs):
+        raise RuntimeError(f"stopped on request during {algorithms[len(results) - 1]}: "
+                           f"{', '.join(algorithms[len(results):])} did not run; run the comparison again")
     summary: dict[str, Any] = {}
-    for i, name in enumerate(algorithms):
-        shared_start = ["eval.at_start=false"] if i > 0 else []
-        cfg = load_config(config, [*overrides, f"algorithm.name={name}", f"run.dir={out / name}", "run.resume=false",
-                                   *shared_start])
-        print(f"=== {name}: {cfg.run.steps} steps, batch {cfg.data.batch_size} x G={cfg.rollout.group_size}, "
-              f"lr {cfg.optim.lr:g}, seed {cfg.run.seed}", flush=True)
-        summary[name] = summarize(train(cfg), out / name)
+    for i, (name, result) in enumerate(zip(algorithms, results)):
+        summary[name] = summarize(result, out / name)
         if i > 0:
             share_start(summary, source=algorithms[0], target=name, out=out)
     return summary

@@ -526,6 +526,37 @@ def validate_for_device(cfg: Config, device: str, *, colocated: bool = False) ->
         raise ConfigError(f"invalid configuration for this {device.upper()} cluster:\n  - " + "\n  - ".join(problems))
 
 
+# What one session (Ray cluster, rank actors, rollout engines) is built from: runs trained back to back in
+# one session (train.train_runs) must agree on these; everything else (algorithm, optim, data, eval, run
+# folder and steps) may differ between them.
+SESSION_FIELDS = ("model", "parallel", "cluster", "rollout.num_engines", "rollout.engine_dtype",
+                  "rollout.max_model_len", "rollout.kv_cache_gib", "rollout.ray_address", "rollout.placement",
+                  "rollout.cpus_per_engine", "rollout.chunked_prefill", "rollout.max_num_batched_tokens",
+                  "rollout.transport", "run.seed")
+
+
+def validate_one_session(cfgs: list[Config]) -> None:
+    """Runs that share one session agree on SESSION_FIELDS and write to different run folders (ConfigError)."""
+    def value(cfg: Config, name: str) -> Any:
+        obj: Any = cfg
+        for part in name.split("."):
+            obj = getattr(obj, part)
+        return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj
+
+    problems = []
+    for i, cfg in enumerate(cfgs[1:], 1):
+        for name in SESSION_FIELDS:
+            if value(cfg, name) != value(cfgs[0], name):
+                problems.append(f"run {i} has {name}={value(cfg, name)!r} but run 0 has {value(cfgs[0], name)!r}")
+    dirs = [str(Path(c.run.dir).resolve()) for c in cfgs]
+    if len(set(dirs)) != len(dirs):
+        problems.append(f"two runs write to the same run.dir ({dirs}): give each its own")
+    if problems:
+        raise ConfigError("runs trained in one session share its cluster, ranks and rollout engines, so they must "
+                          "agree on " + ", ".join(SESSION_FIELDS) + " (train them separately otherwise):\n  - "
+                          + "\n  - ".join(problems))
+
+
 def validate_for_model(cfg: Config, hf_dir: str | Path) -> None:
     """The layout against the model's layer/head counts (needs the HF config.json)."""
     from sage_megatron.parallel.layout import LayoutError, ParallelLayout, validate_layout

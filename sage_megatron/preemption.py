@@ -29,15 +29,17 @@ def request_stop(path: Path, reason: str) -> None:
 
 
 @contextlib.contextmanager
-def stop_on_signals(path: Path):
-    """While inside: SIGTERM and SIGUSR1 write the stop request instead of killing this process (a second
-    SIGTERM kills as usual). Only from the main thread (Python's rule for signal handlers)."""
+def stop_on_signals(*paths: Path):
+    """While inside: SIGTERM and SIGUSR1 write the stop request (to each of ``paths``: the runs of a session)
+    instead of killing this process (a second SIGTERM kills as usual). Only from the main thread (Python's
+    rule for signal handlers)."""
     def handler(signum, _frame):
         name = signal.Signals(signum).name
-        if path.exists() and signum == signal.SIGTERM:
+        if any(p.exists() for p in paths) and signum == signal.SIGTERM:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             os.kill(os.getpid(), signal.SIGTERM)
-        request_stop(path, name)
+        for path in paths:
+            request_stop(path, name)
         print(f"[train] {name}: checkpoint at the next step boundary, then exit for requeue", file=sys.stderr,
               flush=True)
 

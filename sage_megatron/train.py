@@ -8,7 +8,9 @@ The driver validates the config, joins (or starts) Ray and plans every rank and 
 policy or an HF folder), converts it once to a Megatron dist checkpoint (cached by content), then runs
 ``run_rank`` on tp*pp*dp Ray rank actors (``rank_actors.py``; in place under torchrun/srun). Every rank runs the same
 loop; global rank 0 also owns the rollout pool (Ray + vLLM), the reward, the hinting strategy, the
-data iterator and the metrics writer, and broadcasts each step's groups to the other ranks.
+data iterator and the metrics writer, and broadcasts each step's groups to the other ranks. Several
+runs can share one session (``train_runs``: GRPO then SAGE in ``sage-megatron toy``): one start-up of
+Ray, the ranks and the engines, each run from its own start weights and seed.
 
 Kept from the paper's recipe: GRPO group advantages, PPO clipped surrogate (asymmetric + dual clip,
 token mean), one PPO epoch over ``optim.mini_batches`` mini-batches, old log-probs recomputed by the
@@ -25,7 +27,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from sage_megatron.config import Config, fp8_options, validate, validate_for_device, validate_for_model
+from sage_megatron.config import (Config, fp8_options, validate, validate_for_device, validate_for_model,
+                                   validate_one_session)
 from sage_megatron.metrics import EVALS_FILE
 from sage_megatron.run_inputs import (converted_checkpoint, eval_data_path, load_eval_rows, load_train_rows,
                                        resolve_model, template_dir, train_data_path)
@@ -101,7 +104,9 @@ class StepSampler:
 class Trainer:
     """Everything one rank holds. Rank 0 additionally holds pool, hinting, data, writer."""
 
-    def __init__(self, cfg: Config, paths: dict, engine_ips: list[str] | None = None) -> None:
+    def __init__(self, cfg: Config, paths: dict, engine_ips: list[str] | None = None, *, pool=None) -> None:
+        """``pool`` (rank 0): the rollout pool of an earlier run in this session, to reuse (its engines get
+        this run's start weights); None starts one."""
         import torch.distributed as dist
 
         from sage_megatron import checkpoint as ck
@@ -135,17 +140,22 @@ class Trainer:
                                    evals=saved.get("evals", {}))
             self.solved.load_state_dict(saved["solved"])
         if self.rank == 0:
-            self._start_rank0(saved)
-        self.pad_id = self.broadcast(self.pad_id if self.rank == 0 else None)
-        if resume_from:   # the engines start from the HF start weights: give them the checkpoint's
+            self._start_rank0(saved, pool)
+        # fresh engines load the HF start weights; a resumed run's actor holds a checkpoint's, and a reused
+        # pool holds the previous run's end weights: then the engines get the actor's (collective)
+        self.pad_id, engines_behind = self.broadcast((self.pad_id, bool(resume_from) or pool is not None)
+                                                     if self.rank == 0 else None)
+        if engines_behind:
             from sage_megatron.rollout.weight_sync import sync_weights
 
-            sync_weights(self.actor.model, arch=self.actor.arch, pool=self.pool, version=self.state.weight_version)
+            self.state.weight_version = sync_weights(
+                self.actor.model, arch=self.actor.arch, pool=self.pool,
+                version=None if pool is not None else self.state.weight_version)["version"]
         self.resumed_from = str(resume_from) if resume_from else None
         if not resume_from and cfg.eval.at_start:
             self.maybe_evaluate(0)
 
-    def _start_rank0(self, saved: dict | None) -> None:
+    def _start_rank0(self, saved: dict | None, pool) -> None:
         from sage_megatron.algo.reward import batch_math_reward
         from sage_megatron.algo.templates import chat_encoder
         from sage_megatron.metrics import MetricsWriter
@@ -156,7 +166,7 @@ class Trainer:
         from sage_megatron.tasks.data import EpochIterator
 
         cfg, r = self.cfg, self.cfg.rollout
-        self.pool = start_rollout_pool_in_trainer(RolloutPoolConfig(
+        self.pool = pool if pool is not None else start_rollout_pool_in_trainer(RolloutPoolConfig(
             engine=EngineConfig(model_dir=str(self.paths["hf_dir"]), dtype=r.engine_dtype,
                                 max_model_len=r.max_model_len, kv_cache_gib=r.kv_cache_gib, seed=cfg.run.seed,
                                 extra_llm_kwargs=(("enable_chunked_prefill", r.chunked_prefill),
@@ -296,24 +306,36 @@ class Trainer:
                 "never_solved_share": self.solved.never_solved_share(), "resumed_from": self.resumed_from,
                 "train_seconds": time.perf_counter() - self.t_start}
 
-    def close(self) -> None:
-        if self.pool is not None:
-            self.pool.shutdown()
 
+def run_rank(runs: list[tuple[Config, dict]], engine_ips: list[str] | None = None) -> list[dict]:
+    """One rank of the SPMD trainer (a Ray rank actor, or one torchrun/srun task): the session's runs
+    ``[(cfg, paths), ...]`` back to back, each a fresh Trainer from its own start weights and seed, all
+    sharing this process's torch.distributed groups and (rank 0) one rollout pool. Stops after a run that
+    was stopped on request. Rank 0 returns the runs' results; other ranks, empty dicts."""
+    import torch.distributed as dist
 
-def run_rank(cfg: Config, paths: dict, engine_ips: list[str] | None = None) -> dict:
-    """One rank of the SPMD trainer (a Ray rank actor, or one torchrun/srun task)."""
-    from sage_megatron.parallel.distributed import describe_rank, init_parallel
+    from sage_megatron.parallel.distributed import describe_rank, init_parallel, seed_parallel
     from sage_megatron.parallel.layout import ParallelLayout
 
-    init_parallel(ParallelLayout(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.dp), seed=cfg.run.seed,
-                  timeout_s=cfg.cluster.collective_timeout_s)
+    first = runs[0][0]
+    init_parallel(ParallelLayout(first.parallel.tp, first.parallel.pp, first.parallel.dp), seed=first.run.seed,
+                  timeout_s=first.cluster.collective_timeout_s)
     print(f"[actor] {describe_rank()}", flush=True)
-    trainer = Trainer(cfg, paths, engine_ips)
+    pool, results = None, []
     try:
-        return training_loop(trainer)
+        for cfg, paths in runs:
+            seed_parallel(cfg.run.seed)        # each run draws what it would draw in a session of its own
+            if len(runs) > 1 and dist.get_rank() == 0:
+                print(f"[run] {cfg.algorithm.name}: {cfg.run.steps} steps into {cfg.run.dir}", flush=True)
+            trainer = Trainer(cfg, paths, engine_ips, pool=pool)
+            pool = trainer.pool
+            results.append(training_loop(trainer))
+            if trainer.preempted_at is not None:
+                break
+        return results
     finally:
-        trainer.close()
+        if pool is not None:
+            pool.shutdown()
         from sage_megatron.procs import reap_children
 
         reap_children()
@@ -368,27 +390,41 @@ def prepare(cfg: Config) -> dict:
 
 def train(cfg: Config) -> dict:
     """Validate, prepare, place every rank over the Ray cluster and run it; returns rank 0's result."""
+    return train_runs([cfg])[0]
+
+
+def train_runs(cfgs: list[Config]) -> list[dict]:
+    """Several runs back to back in ONE session: the Ray cluster, the rank processes and the rollout engines
+    start once (each run syncs its start weights into the engines), which saves their start-up per run
+    (``sage-megatron toy``: GRPO then SAGE; ``bench/sage_vs_grpo.py``: every algorithm of a seed). The runs
+    must agree on what builds the session (config.SESSION_FIELDS). Rank 0's results, in order; fewer than
+    ``cfgs`` when a run was stopped on request (the rest did not start)."""
     from sage_megatron.parallel.launch import launched_externally
     from sage_megatron.preemption import stop_file, stop_on_signals
 
-    stop_file(cfg.run.dir).unlink(missing_ok=True)     # a request that the previous (requeued) run acted on
+    for cfg in cfgs:
+        validate(cfg)
+    validate_one_session(cfgs)
+    stops = [stop_file(cfg.run.dir) for cfg in cfgs]
+    for stop in stops:
+        stop.unlink(missing_ok=True)     # a request that the previous (requeued) run acted on
     if launched_externally():
-        paths = prepare(cfg)
-        with stop_on_signals(stop_file(cfg.run.dir)):
-            return run_rank(cfg, paths)
-    validate(cfg)
-    result = run_on_cluster(cfg)
-    if cfg.run.export_hf and not result["preempted"]:
-        from sage_megatron.checkpoint import export_hf, latest_checkpoint
+        runs = [(cfg, prepare(cfg)) for cfg in cfgs]
+        with stop_on_signals(*stops):
+            return run_rank(runs)
+    results = run_on_cluster(cfgs)
+    for cfg, result in zip(cfgs, results):
+        if cfg.run.export_hf and not result["preempted"]:
+            from sage_megatron.checkpoint import export_hf, latest_checkpoint
 
-        result["hf_export"] = str(export_hf(latest_checkpoint(Path(cfg.run.dir) / "checkpoints"),
-                                            Path(cfg.run.dir) / "hf"))
-    return result
+            result["hf_export"] = str(export_hf(latest_checkpoint(Path(cfg.run.dir) / "checkpoints"),
+                                                Path(cfg.run.dir) / "hf"))
+    return results
 
 
-def run_on_cluster(cfg: Config) -> dict:
+def run_on_cluster(cfgs: list[Config]) -> list[dict]:
     """Plan ranks and engines over the Ray cluster's nodes (one ledger, refused before anything starts when
-    it does not fit), prepare the inputs, then run ``run_rank`` on a Ray actor per rank; rank 0's result."""
+    it does not fit), prepare the inputs, then run ``run_rank`` on a Ray actor per rank; rank 0's results."""
     import math
 
     from sage_megatron.cluster import plan_cluster
@@ -396,17 +432,20 @@ def run_on_cluster(cfg: Config) -> dict:
     from sage_megatron.rank_actors import ray_cluster, run_on_ranks, say
     from sage_megatron.rollout.placement import ray_cluster_device
 
+    cfg = cfgs[0]                        # the runs agree on everything used here (validate_one_session)
     p, c, r = cfg.parallel, cfg.cluster, cfg.rollout
     world = p.tp * p.pp * p.dp
     local_cpus = math.ceil(world * c.cpus_per_rank + r.num_engines * r.cpus_per_engine)
     # (stop handlers after ray.init, which installs its own SIGTERM handler)
-    with ray_cluster(r.ray_address, local_cpus=local_cpus) as nodes, stop_on_signals(stop_file(cfg.run.dir)):
+    with (ray_cluster(r.ray_address, local_cpus=local_cpus) as nodes,
+          stop_on_signals(*[stop_file(each.run.dir) for each in cfgs])):
         device = ray_cluster_device()
-        validate_for_device(cfg, device)   # engines are placed apart from the ranks: not colocated
+        for each in cfgs:
+            validate_for_device(each, device)   # engines are placed apart from the ranks: not colocated
         plan = plan_cluster(world_size=world, nodes=nodes, device=device, ranks_per_node=c.ranks_per_node,
                             cpus_per_rank=c.cpus_per_rank, num_engines=r.num_engines, cpus_per_engine=r.cpus_per_engine,
                             placement=r.placement)
         for line in plan.lines():
             say(line)
-        paths = prepare(cfg)
-        return run_on_ranks(run_rank, (cfg, paths, plan.engine_ips()), plan=plan)[0]
+        runs = [(each, prepare(each)) for each in cfgs]
+        return run_on_ranks(run_rank, (runs, plan.engine_ips()), plan=plan)[0]

@@ -7,7 +7,7 @@ import pytest
 
 
 def test_toy_comparison_writes_the_summary_the_readme_promises(tmp_path, monkeypatch, capsys):
-    """`sage-megatron toy` bookkeeping with the two training runs replaced by fake ones (the real runs are
+    """`sage-megatron toy` bookkeeping with the session's two training runs replaced by fake ones (the real runs are
     what `make run` does): summary.json keys, numbers recomputed by hand, and its path printed last."""
     import sage_megatron.comparison as C
 
@@ -15,6 +15,9 @@ def test_toy_comparison_writes_the_summary_the_readme_promises(tmp_path, monkeyp
              "sage": [(6.0, 1.0, {"hint/hinted_l1": 2, "hint/hinted_l3": 1}), (2.0, 0.8, {"hint/hinted_l1": 1}),
                       (4.0, 0.9, {"hint/hinted_l2": 3})]}
     seen = []
+
+    def fake_train_runs(cfgs):
+        return [fake_train(cfg) for cfg in cfgs]
 
     def fake_train(cfg):
         name = cfg.algorithm.name
@@ -36,7 +39,7 @@ def test_toy_comparison_writes_the_summary_the_readme_promises(tmp_path, monkeyp
         return {"evals": evals, "never_solved_share": 0.5 if name == "grpo" else 0.25, "steps": 3,
                 "train_seconds": 9.0}
 
-    monkeypatch.setattr(C, "train", fake_train)
+    monkeypatch.setattr(C, "train_runs", fake_train_runs)
     summary = C.toy_comparison(tmp_path / "out")
     assert seen == [("grpo", True, 0), ("sage", False, 0)]        # same seed; start evaluated once
     on_disk = json.loads((tmp_path / "out" / "summary.json").read_text())

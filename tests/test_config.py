@@ -142,3 +142,21 @@ def test_train_refuses_transformer_engine_on_a_cpu_cluster_before_any_rank_start
     assert "model.use_te=true needs GPU nodes" in proc.stderr
     assert "rollout.transport=nccl: transport 'nccl' needs GPU engines" in proc.stderr
     assert not (tmp_path / "run").exists()       # nothing was prepared or started
+
+
+def test_one_session_needs_the_same_cluster_model_and_engines_but_not_the_same_algorithm(tmp_path):
+    """train_runs shares Ray, the ranks and the engines: runs may differ in algorithm, optimizer, data and
+    steps, not in what builds the session; each needs its own run folder."""
+    from sage_megatron.config import validate_one_session
+
+    run = lambda name, *more: load_config("configs/toy.yaml", [f"run.dir={tmp_path / name}", *more])  # noqa: E731
+    validate_one_session([run("a", "algorithm.name=grpo"),
+                          run("b", "algorithm.name=sage", "optim.lr=1e-3", "run.steps=3", "rollout.temperature=0.5")])
+    with pytest.raises(ConfigError) as e:
+        validate_one_session([run("a"), run("b", "rollout.engine_dtype=bfloat16", "parallel.tp=2"), run("a")])
+    msg = str(e.value)
+    assert "run 1 has rollout.engine_dtype='bfloat16' but run 0 has 'float32'" in msg
+    assert "run 1 has parallel=" in msg and "'tp': 2" in msg
+    assert "two runs write to the same run.dir" in msg
+    with pytest.raises(ConfigError, match="run 1 has run.seed=1 but run 0 has 0"):
+        validate_one_session([run("a"), run("b", "run.seed=1")])

@@ -15,11 +15,12 @@ import pytest
 from sage_megatron.preemption import PREEMPTED_EXIT, stop_file, stop_on_signals
 
 
-def test_signals_write_the_stop_request_instead_of_killing(tmp_path):
-    path = stop_file(tmp_path)
-    with stop_on_signals(path):
+def test_signals_write_the_stop_request_instead_of_killing(tmp_path, monkeypatch):
+    monkeypatch.delenv("SAGE_STOP_FILE", raising=False)
+    path, later_run = stop_file(tmp_path), stop_file(tmp_path / "later")   # a session's runs: each gets it
+    with stop_on_signals(path, later_run):
         os.kill(os.getpid(), signal.SIGUSR1)
-        assert path.read_text().strip() == "SIGUSR1"
+        assert path.read_text().strip() == later_run.read_text().strip() == "SIGUSR1"
     assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL    # handlers restored
 
 

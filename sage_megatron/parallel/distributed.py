@@ -13,7 +13,7 @@ from sage_megatron.parallel.layout import ParallelLayout
 
 def init_parallel(layout: ParallelLayout, *, seed: int = 1234, timeout_s: int = 600) -> None:
     """Initialise the default process group (env:// rendezvous) and megatron's model-parallel groups."""
-    from megatron.core import parallel_state, tensor_parallel
+    from megatron.core import parallel_state
 
     on_gpu = cuda_available()
     if on_gpu:   # a Ray rank actor sees its one GPU as device 0; a torchrun rank sees the node's GPUs
@@ -32,6 +32,14 @@ def init_parallel(layout: ParallelLayout, *, seed: int = 1234, timeout_s: int = 
         tensor_model_parallel_size=layout.tp,
         pipeline_model_parallel_size=layout.pp,
     )
+    seed_parallel(seed)
+
+
+def seed_parallel(seed: int) -> None:
+    """Megatron's per-rank RNG streams (model-parallel, data-parallel, expert) from ``seed``; again before
+    each run of a session, so that a run draws the same numbers wherever it runs in the session."""
+    from megatron.core import tensor_parallel
+
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 
