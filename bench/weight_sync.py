@@ -19,6 +19,11 @@ Per model, in one spawned Megatron world (``run_distributed``, the trainer's top
   (256 MiB chunks, out of cache, rank 0's torch threads), in the same run.
 * ``max_abs_logprob_diff``: ``check_weight_sync`` after the last sync (vLLM prompt log-probs vs
   the live model's, 4 x 32 fixed tokens), in the engine's dtype.
+* ``engine_vs_fresh_max_abs_logprob_diff``: exactness engine against engine (expected 0, in fp32 and
+  bf16 alike). The actor's weights are perturbed (seeded noise, 10% of each tensor's std) before the
+  first sync, so a sync that failed to deliver any tensor shows; after the last sync the actor is saved
+  as a dist checkpoint, exported by the converter (``megatron_to_hf``), and a fresh engine with the same
+  settings loaded from that export computes the same prompt log-probs as the synced engine.
 Timed phases are interleaved (sync, gather, memcpy, sync, ...) so machine load hits them alike.
 
 Models (built once, cached under ``--cache-dir``):
@@ -150,19 +155,37 @@ def _memcpy_seconds(nbytes: int, *, chunk: int = 256 << 20) -> float:
     return time.perf_counter() - t0
 
 
+def perturb_weights(model, *, seed: int = 1234, scale: float = 0.1) -> None:
+    """Add seeded noise (``scale`` x each tensor's std) to every local parameter. The same seed on every
+    rank: TP-replicated tensors (norms) stay equal across ranks."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            p.add_((noise * p.float().std().clamp_min(1e-3) * scale).to(p.dtype))
+
+
+def engine_config(hf_dir: str, engine_dtype: str):
+    """The one engine setting both the synced and the fresh engine use."""
+    from sage_megatron.rollout.vllm_engine import EngineConfig
+
+    return EngineConfig(model_dir=hf_dir, dtype=engine_dtype, max_model_len=256, kv_cache_gib=1, seed=0)
+
+
 def _bench_world(hf_dir: str, ckpt_dir: str, layout: ParallelLayout, engine_dtype: str, repeats: int,
-                 bucket_bytes: int) -> dict | None:
+                 bucket_bytes: int, synced_ckpt: str) -> dict | None:
     import torch.distributed as dist
 
     from sage_megatron.parallel.distributed import init_parallel
     from sage_megatron.parallel.model import build_gpt_model
     from sage_megatron.parallel.precision import parse_dtype
     from sage_megatron.parallel.shards import load_dist_checkpoint
+    from sage_megatron.parallel.shards import save_dist_checkpoint
     from sage_megatron.rollout.pool import RolloutPoolConfig
-    from sage_megatron.rollout.vllm_engine import EngineConfig
     from sage_megatron.rollout.weight_sync import (
         check_weight_sync,
         iter_actor_hf_tensors,
+        reference_sequences,
         start_rollout_pool_in_trainer,
         sync_weights,
     )
@@ -172,12 +195,13 @@ def _bench_world(hf_dir: str, ckpt_dir: str, layout: ParallelLayout, engine_dtyp
     model = build_gpt_model(meta.arch, layout=layout, padded_vocab=meta.padded_vocab, dtype=parse_dtype(meta.dtype))
     load_dist_checkpoint(model, str(Path(ckpt_dir) / "dist"))
     model.eval()
+    perturb_weights(model)       # the engines hold the HF start weights: every synced tensor must change
     rank = dist.get_rank()
     pool, start_s = None, 0.0
     if rank == 0:
         t0 = time.perf_counter()
         pool = start_rollout_pool_in_trainer(RolloutPoolConfig(
-            engine=EngineConfig(model_dir=hf_dir, dtype=engine_dtype, max_model_len=256, kv_cache_gib=1, seed=0),
+            engine=engine_config(hf_dir, engine_dtype),
             num_engines=1, verbose=False))
         start_s = time.perf_counter() - t0
     dist.barrier()
@@ -201,6 +225,12 @@ def _bench_world(hf_dir: str, ckpt_dir: str, layout: ParallelLayout, engine_dtyp
                 out["memcpy"].append(_memcpy_seconds(nbytes))
             dist.barrier()
         check = check_weight_sync(model, arch=meta.arch, pool=pool)
+        tokens = reference_sequences(meta.arch.vocab_size, seq_len=min(32, meta.arch.max_position_embeddings))
+        synced_logprobs = pool.prompt_logprobs(tokens.tolist()) if rank == 0 else None
+        if rank == 0:
+            (Path(synced_ckpt) / "dist").mkdir(parents=True)
+        dist.barrier()
+        save_dist_checkpoint(model, str(Path(synced_ckpt) / "dist"))   # what the engine was sent, for the export
         if rank != 0:
             return None
         return {"engine_start_seconds": start_s, "bytes": nbytes, "tensors": last["tensors"],
@@ -209,10 +239,32 @@ def _bench_world(hf_dir: str, ckpt_dir: str, layout: ParallelLayout, engine_dtyp
                 "rank0_extra_rss_gib_sync": max(out["extra_rss_sync"]),
                 "rank0_extra_rss_gib_prefetch": max(out["extra_rss_prefetch"]),
                 "memcpy_seconds_all": out["memcpy"], "check": check, "rank0_peak_rss_gib": _rss_gib(),
+                "tokens": tokens.tolist(), "synced_logprobs": synced_logprobs,
                 "rank0_threads": torch.get_num_threads()}
     finally:
         if pool is not None:
             pool.shutdown()
+
+
+def engine_vs_fresh(ckpt_dir: Path, synced_ckpt: Path, engine_dtype: str, tokens: list[list[int]],
+                    synced_logprobs: list[list[float]]) -> float:
+    """Export the synced actor checkpoint through the converter, load it into a fresh engine with the
+    synced engine's settings, and return the largest |prompt log-prob difference| between the two."""
+    import shutil
+
+    from sage_megatron.parallel.convert import megatron_to_hf
+    from sage_megatron.rollout.pool import RolloutPool, RolloutPoolConfig
+
+    shutil.copy2(ckpt_dir / "sage_megatron.json", synced_ckpt / "sage_megatron.json")
+    shutil.copytree(ckpt_dir / "hf", synced_ckpt / "hf")
+    export = synced_ckpt.parent / f"{synced_ckpt.name}_hf"
+    megatron_to_hf(synced_ckpt, export, overwrite=True)
+    pool = RolloutPool(RolloutPoolConfig(engine=engine_config(str(export), engine_dtype), num_engines=1, verbose=False))
+    try:
+        fresh = pool.prompt_logprobs(tokens)
+    finally:
+        pool.shutdown()
+    return max(abs(a - b) for row_s, row_f in zip(synced_logprobs, fresh) for a, b in zip(row_s, row_f))
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -223,9 +275,12 @@ def bench_model(name: str, cache: Path, *, repeats: int, bucket_bytes: int, tp: 
     layout = ParallelLayout(tp=tp or spec["tp"])
     meta = read_meta(ckpt)
     print(f"[bench] {name}: tp={layout.tp}, engine dtype {spec['engine_dtype']}, {repeats} timed syncs", flush=True)
-    (r,) = [x for x in run_distributed(_bench_world, world_size=layout.world_size, timeout_s=3600,
-                                       args=(str(hf_dir), str(ckpt), layout, spec["engine_dtype"], repeats,
-                                             bucket_bytes)) if x is not None]
+    with tempfile.TemporaryDirectory(dir=cache) as work:
+        synced_ckpt = Path(work) / "synced"
+        (r,) = [x for x in run_distributed(_bench_world, world_size=layout.world_size, timeout_s=3600,
+                                           args=(str(hf_dir), str(ckpt), layout, spec["engine_dtype"], repeats,
+                                                 bucket_bytes, str(synced_ckpt))) if x is not None]
+        fresh_diff = engine_vs_fresh(ckpt, synced_ckpt, spec["engine_dtype"], r["tokens"], r["synced_logprobs"])
     med = {k: statistics.median(r[f"{k}_seconds_all"]) for k in ("sync", "prefetch", "gather", "memcpy")}
     return {
         "model": name, "hf_dir": str(hf_dir), "tp": layout.tp, "pp": layout.pp, "engines": 1,
@@ -237,6 +292,7 @@ def bench_model(name: str, cache: Path, *, repeats: int, bucket_bytes: int, tp: 
         "sync_over_memcpy": med["sync"] / med["memcpy"],
         "max_abs_logprob_diff": r["check"]["max_abs_logprob_diff"],
         "mean_abs_logprob_diff": r["check"]["mean_abs_logprob_diff"],
+        "engine_vs_fresh_max_abs_logprob_diff": fresh_diff,
         **{k: r[k] for k in ("sync_seconds_all", "prefetch_seconds_all", "gather_seconds_all", "memcpy_seconds_all",
                              "engine_start_seconds", "rank0_extra_rss_gib_sync", "rank0_extra_rss_gib_prefetch",
                              "rank0_peak_rss_gib", "rank0_threads", "version")},
@@ -245,16 +301,19 @@ def bench_model(name: str, cache: Path, *, repeats: int, bucket_bytes: int, tp: 
 
 def print_table(rows: list[dict]) -> None:
     head = (f"{'model':<9} {'tp':>2} {'dtype':>8} {'GB':>6} {'tensors':>7} {'sync s':>7} {'prefet s':>8} "
-            f"{'gather s':>8} {'memcpy s':>8} {'sync GB/s':>9} {'x memcpy':>8} {'+RSS GiB':>8} {'max|dlogp|':>10}")
+            f"{'gather s':>8} {'memcpy s':>8} {'sync GB/s':>9} {'x memcpy':>8} {'+RSS GiB':>8} {'max|dlogp|':>10} "
+            f"{'vs fresh':>9}")
     print(head)
     print("-" * len(head))
     for r in rows:
         print(f"{r['model']:<9} {r['tp']:>2} {r['engine_dtype']:>8} {r['bytes'] / 1e9:>6.3f} {r['tensors']:>7} "
               f"{r['sync_seconds']:>7.2f} {r['prefetch_sync_seconds']:>8.2f} {r['gather_seconds']:>8.2f} "
               f"{r['memcpy_seconds']:>8.3f} {r['sync_gb_per_s']:>9.3f} {r['sync_over_memcpy']:>8.1f} "
-              f"{r['rank0_extra_rss_gib_sync']:>8.2f} {r['max_abs_logprob_diff']:>10.2e}")
+              f"{r['rank0_extra_rss_gib_sync']:>8.2f} {r['max_abs_logprob_diff']:>10.2e} "
+              f"{r['engine_vs_fresh_max_abs_logprob_diff']:>9.2e}")
     print("sync: sync_weights (default, serial); prefet: prefetch_bytes=bucket; gather: the Megatron side alone; "
-          "+RSS: rank 0's peak extra anonymous memory during a default sync; medians, interleaved in one run")
+          "+RSS: rank 0's peak extra anonymous memory during a default sync; max|dlogp|: engine vs actor; "
+          "vs fresh: engine vs a fresh engine from the converter's export (expected 0); medians, interleaved in one run")
 
 
 def main() -> int:
@@ -276,7 +335,9 @@ def main() -> int:
     rows = [bench_model(m, cache, repeats=a.repeats, bucket_bytes=a.bucket_mib << 20, tp=a.tp) for m in names]
     print_table(rows)
     if a.json:
-        Path(a.json).write_text(json.dumps({"results": rows, "cpu_count": os.cpu_count()}, indent=1))
+        from sage_megatron.provenance import provenance
+
+        Path(a.json).write_text(json.dumps({"results": rows, **provenance()}, indent=1))
         print(f"[bench] wrote {a.json}")
     return 0
 
