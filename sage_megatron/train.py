@@ -160,17 +160,14 @@ class Trainer:
         from sage_megatron.algo.templates import chat_encoder
         from sage_megatron.metrics import MetricsWriter
         from sage_megatron.rollout.pool import RolloutPoolConfig
-        from sage_megatron.rollout.vllm_engine import EngineConfig
+        from sage_megatron.rollout.vllm_engine import engine_config_for
         from sage_megatron.rollout.weight_sync import start_rollout_pool_in_trainer
         from sage_megatron.rollout.weight_transport import TransportConfig
         from sage_megatron.tasks.data import EpochIterator
 
         cfg, r = self.cfg, self.cfg.rollout
         self.pool = pool if pool is not None else start_rollout_pool_in_trainer(RolloutPoolConfig(
-            engine=EngineConfig(model_dir=str(self.paths["hf_dir"]), dtype=r.engine_dtype,
-                                max_model_len=r.max_model_len, kv_cache_gib=r.kv_cache_gib, seed=cfg.run.seed,
-                                extra_llm_kwargs=(("enable_chunked_prefill", r.chunked_prefill),
-                                                  ("max_num_batched_tokens", r.max_num_batched_tokens))),
+            engine=engine_config_for(r, model_dir=str(self.paths["hf_dir"]), seed=cfg.run.seed),
             num_engines=r.num_engines, ray_address=r.ray_address, placement=r.placement,
             cpus_per_engine=r.cpus_per_engine, engine_ips=tuple(self.engine_ips or ()), verbose=False,
             transport=TransportConfig(kind=r.transport, colocated=False)))

@@ -73,6 +73,15 @@ class EngineConfig:
     """Further ``vllm.LLM`` keyword arguments, as (name, value) pairs."""
 
 
+def engine_config_for(rollout, *, model_dir: str, seed: int) -> EngineConfig:
+    """The engines' settings from a ``config.RolloutConfig`` (the trainer's, and the benchmarks' so that
+    they measure the engine the trainer runs): dtype, lengths, KV cache, chunked prefill and token budget."""
+    return EngineConfig(model_dir=model_dir, dtype=rollout.engine_dtype, max_model_len=rollout.max_model_len,
+                        kv_cache_gib=rollout.kv_cache_gib, seed=seed,
+                        extra_llm_kwargs=(("enable_chunked_prefill", rollout.chunked_prefill),
+                                          ("max_num_batched_tokens", rollout.max_num_batched_tokens)))
+
+
 @dataclass
 class _Job:
     job_id: int
