@@ -309,6 +309,8 @@ def run_rank(runs: list[tuple[Config, dict]], engine_ips: list[str] | None = Non
     ``[(cfg, paths), ...]`` back to back, each a fresh Trainer from its own start weights and seed, all
     sharing this process's torch.distributed groups and (rank 0) one rollout pool. Stops after a run that
     was stopped on request. Rank 0 returns the runs' results; other ranks, empty dicts."""
+    import gc
+
     import torch.distributed as dist
 
     from sage_megatron.parallel.distributed import describe_rank, init_parallel, seed_parallel
@@ -327,7 +329,10 @@ def run_rank(runs: list[tuple[Config, dict]], engine_ips: list[str] | None = Non
             trainer = Trainer(cfg, paths, engine_ips, pool=pool)
             pool = trainer.pool
             results.append(training_loop(trainer))
-            if trainer.preempted_at is not None:
+            stopped = trainer.preempted_at is not None
+            del trainer               # this run's model and optimizer go before the next run builds its own
+            gc.collect()
+            if stopped:
                 break
         return results
     finally:
