@@ -50,6 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sage_megatron.parallel.convert import hf_to_megatron, read_meta  # noqa: E402
 from sage_megatron.parallel.launch import run_distributed  # noqa: E402
 from sage_megatron.parallel.layout import ParallelLayout  # noqa: E402
+from sage_megatron.run_inputs import cached_smollm2  # noqa: E402
 
 MODELS = {
     "smollm2": {"tp": 1, "engine_dtype": "float32"},
@@ -59,16 +60,6 @@ LLAMA1B = dict(hidden_size=2048, num_layers=16, ffn_hidden_size=5632, num_heads=
 
 
 # ---------------------------------------------------------------------------------------------- models
-def smollm2_hf(cache: Path) -> Path:
-    out = cache / "smollm2_hf"
-    if not (out / "config.json").is_file():
-        from sage_megatron.parallel.gguf_import import gguf_to_hf
-
-        print(f"[bench] de-quantizing SmolLM2-135M GGUF -> {out} (~40-60 s, once)", flush=True)
-        gguf_to_hf(out, dtype="float32", overwrite=True)
-    return out
-
-
 def llama1b_hf(cache: Path) -> Path:
     out = cache / "llama1b_hf"
     if (out / "config.json").is_file():
@@ -166,10 +157,12 @@ def perturb_weights(model, *, seed: int = 1234, scale: float = 0.1) -> None:
 
 
 def engine_config(hf_dir: str, engine_dtype: str):
-    """The one engine setting both the synced and the fresh engine use."""
-    from sage_megatron.rollout.vllm_engine import EngineConfig
+    """The one engine setting both the synced and the fresh engine use (the trainer's, at 256 tokens)."""
+    from sage_megatron.config import RolloutConfig
+    from sage_megatron.rollout.vllm_engine import engine_config_for
 
-    return EngineConfig(model_dir=hf_dir, dtype=engine_dtype, max_model_len=256, kv_cache_gib=1, seed=0)
+    rollout = RolloutConfig(engine_dtype=engine_dtype, max_model_len=256, kv_cache_gib=1)
+    return engine_config_for(rollout, model_dir=hf_dir, seed=0)
 
 
 def _bench_world(hf_dir: str, ckpt_dir: str, layout: ParallelLayout, engine_dtype: str, repeats: int,
@@ -269,7 +262,7 @@ def engine_vs_fresh(ckpt_dir: Path, synced_ckpt: Path, engine_dtype: str, tokens
 
 # ---------------------------------------------------------------------------------------------- main
 def bench_model(name: str, cache: Path, *, repeats: int, bucket_bytes: int, tp: int | None) -> dict:
-    hf_dir = smollm2_hf(cache) if name == "smollm2" else llama1b_hf(cache)
+    hf_dir = cached_smollm2(cache) if name == "smollm2" else llama1b_hf(cache)   # SmolLM2 fp32, imported once
     ckpt = converted(hf_dir, cache, name)
     spec = MODELS[name]
     layout = ParallelLayout(tp=tp or spec["tp"])

