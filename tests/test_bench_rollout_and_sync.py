@@ -6,33 +6,22 @@ The benchmarks themselves: `python bench/rollout.py --json OUT`, `python bench/w
 from __future__ import annotations
 
 import copy
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
 
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_median_run_is_the_middle_rate_and_keeps_every_rate():
-    rollout = _load("rollout")
+def test_median_run_is_the_middle_rate_and_keeps_every_rate(load_bench):
+    rollout = load_bench("rollout")
     res = rollout._median_run([(100, 1.0), (300, 1.0), (100, 0.5)])     # rates 100, 300, 200
     assert (res["tokens"], res["seconds"], res["tokens_per_s"]) == (100, 0.5, 200.0)
     assert res["tokens_per_s_all"] == [100.0, 300.0, 200.0] and res["repeats"] == 3
 
 
-def test_perturbation_moves_every_weight_the_same_way_on_every_rank():
+def test_perturbation_moves_every_weight_the_same_way_on_every_rank(load_bench):
     """Every tensor changes (a sync that skipped one would show against the fresh engine), by about 10% of
     its spread, and identically for the same seed (TP-replicated norms stay equal across ranks)."""
-    sync = _load("weight_sync")
+    sync = load_bench("weight_sync")
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16), torch.nn.Linear(16, 4))
     a, b = copy.deepcopy(model), copy.deepcopy(model)

@@ -6,7 +6,6 @@ No TRL is installed or run here; the benchmark itself is `python bench/vs_trl.py
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 from pathlib import Path
 
@@ -17,21 +16,14 @@ from sage_megatron.config import load_config, to_dict
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+@pytest.fixture(scope="module")
+def vs(load_bench):
+    return load_bench("vs_trl")
 
 
 @pytest.fixture(scope="module")
-def vs():
-    return _load("vs_trl")
-
-
-@pytest.fixture(scope="module")
-def ti():
-    return _load("trl_install")
+def ti(load_bench):
+    return load_bench("trl_install")
 
 
 def args(**kw) -> argparse.Namespace:
