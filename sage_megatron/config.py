@@ -56,7 +56,14 @@ class ParallelConfig:
     dp: int = 1
     """Data-parallel size (world size = tp * pp * dp)."""
     micro_batch_size: int = 8
-    """Sequences per micro-batch per DP rank."""
+    """At most this many sequences per micro-batch per DP rank."""
+    max_tokens_per_micro_batch: int = 0
+    """When > 0, also at most this many tokens per micro-batch (rows x its longest row, padding included);
+    a longer sequence runs alone. 0: micro_batch_size alone decides. Raise micro_batch_size to let the
+    token budget decide alone."""
+    group_by_length: bool = True
+    """Micro-batches of sequences of similar length, each padded only to its own longest; false: batch
+    order, every micro-batch padded to the batch's longest (the unpacked layout, for comparisons)."""
 
 
 @dataclass(frozen=True)
@@ -425,6 +432,8 @@ def validate(cfg: Config) -> None:
     need(cfg.cluster.collective_timeout_s >= 10,
          f"cluster.collective_timeout_s={cfg.cluster.collective_timeout_s} must be >= 10")
     need(p.micro_batch_size >= 1, f"parallel.micro_batch_size={p.micro_batch_size} must be >= 1")
+    need(p.max_tokens_per_micro_batch >= 0,
+         f"parallel.max_tokens_per_micro_batch={p.max_tokens_per_micro_batch} must be >= 0 (0: no token budget)")
     need(r.group_size >= 2, f"rollout.group_size={r.group_size} must be >= 2 (GRPO needs a group to compare)")
     need(r.num_engines >= 1, f"rollout.num_engines={r.num_engines} must be >= 1")
     need(r.max_tokens >= 1, f"rollout.max_tokens={r.max_tokens} must be >= 1")

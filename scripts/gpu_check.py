@@ -523,8 +523,7 @@ class Check:
         actor.config = replace(actor.config, micro_batch_size=w["bench_mbs"])
         try:
             # forward + backward: the schedule of train_step (same loss function) without the optimizer step
-            local, mbs, _ = actor._local_rows(batch)
-            micro = actor._micro_batches(local, mbs)
+            micro, _ = actor._micro_batches(batch)
             loss_func = partial(actor._loss, num_tokens=float(mask.sum()), num_seqs=float(b), grad_scale=len(micro),
                                 run_tokens=float(mask.sum()), run_seqs=float(b))
 

@@ -130,34 +130,56 @@ def _rows_from_groups(groups: Sequence[PromptGroup], advantages_by_uid: Mapping[
     )
 
 
-def pad_rows(batch: TrainBatch, *, multiple: int, pad_id: int) -> TrainBatch:
-    """The batch with all-padding rows (mask 0, advantage 0) appended until B % multiple == 0.
-
-    Padding rows contribute nothing to any loss term (their mask is 0) and are cut from results.
-    """
-    b, t = batch.tokens.shape
-    extra = (-b) % multiple
-    if extra == 0:
-        return batch
-
-    def grow(x: torch.Tensor | None, value: float) -> torch.Tensor | None:
-        if x is None:
-            return None
-        return torch.cat([x, torch.full((extra, *x.shape[1:]), value, dtype=x.dtype)], dim=0)
-
-    return TrainBatch(tokens=grow(batch.tokens, pad_id), response_mask=grow(batch.response_mask, 0.0),
-                      advantages=grow(batch.advantages, 0.0), old_logp=grow(batch.old_logp, 0.0),
-                      ref_logp=grow(batch.ref_logp, 0.0), uids=batch.uids + [""] * extra)
+def row_lengths(response_mask: torch.Tensor) -> list[int]:
+    """Columns each row needs: up to and including its last response column (causal, so the log-probs
+    there do not depend on the padding after it); every column for a row without response tokens."""
+    b, t = response_mask.shape
+    last = torch.where(response_mask.bool().any(dim=1), t - response_mask.flip(1).argmax(dim=1), t)
+    return [int(x) for x in last.tolist()] if b else []
 
 
-def row_slice(batch: TrainBatch, start: int, stop: int) -> TrainBatch:
-    """Rows [start, stop) of every tensor."""
-    def cut(x):
-        return None if x is None else x[start:stop]
+def plan_micro_batches(lengths: Sequence[int], *, dp: int, max_rows: int, max_tokens: int = 0,
+                       group_by_length: bool = True) -> list[list[list[int]]]:
+    """Rows per micro-batch per data-parallel rank: ``plan[dp_rank][k]`` = the row indices of that rank's
+    micro-batch k, which runs right-padded to its own longest row.
 
-    return TrainBatch(tokens=cut(batch.tokens), response_mask=cut(batch.response_mask),
-                      advantages=cut(batch.advantages), old_logp=cut(batch.old_logp),
-                      ref_logp=cut(batch.ref_logp), uids=batch.uids[start:stop])
+    ``group_by_length``: rows taken longest first, so each micro-batch holds rows of similar length and
+    pads little; False: rows in batch order and every micro-batch padded to the batch's longest row (the
+    unpacked layout, for comparisons). Rows go to the DP rank with the fewest tokens so far (ties: the
+    lower rank), so ranks get balanced work. A micro-batch holds at most ``max_rows`` rows and, when
+    ``max_tokens`` > 0, at most ``max_tokens`` padded tokens (rows x its longest); a longer row runs alone.
+    A rank with no rows gets an empty plan (the caller runs one padding row there: every rank must run
+    the schedule). Every rank computes the same plan from the same batch."""
+    if dp < 1 or max_rows < 1 or max_tokens < 0:
+        raise ActorError(f"plan_micro_batches: need dp >= 1, max_rows >= 1, max_tokens >= 0; "
+                         f"got dp={dp}, max_rows={max_rows}, max_tokens={max_tokens}")
+    width = [int(n) for n in lengths] if group_by_length else [max(lengths, default=0)] * len(lengths)
+    order = sorted(range(len(width)), key=lambda i: -width[i]) if group_by_length else list(range(len(width)))
+    per_rank: list[list[int]] = [[] for _ in range(dp)]
+    load = [0] * dp
+    for i in order:
+        r = min(range(dp), key=lambda k: (load[k], k))
+        per_rank[r].append(i)
+        load[r] += width[i]
+    plan = []
+    for rows in per_rank:
+        micro: list[list[int]] = []
+        for i in rows:                  # longest first within a rank: a micro-batch's first row is its widest
+            mb = micro[-1] if micro else None
+            if mb is None or len(mb) >= max_rows or (max_tokens and (len(mb) + 1) * width[mb[0]] > max_tokens):
+                micro.append([i])
+            else:
+                mb.append(i)
+        plan.append(micro)
+    return plan
+
+
+def padded_tokens(plan: Sequence[Sequence[Sequence[int]]], lengths: Sequence[int], *,
+                  group_by_length: bool = True) -> int:
+    """Tokens the forward pass computes for ``plan`` (rows x width per micro-batch, padding included)."""
+    full = max(lengths, default=0)
+    return sum(len(mb) * (max(lengths[i] for i in mb) if group_by_length else full)
+               for rank in plan for mb in rank if mb)
 
 
 def rows_with_gradient(advantages: torch.Tensor, *, kl_coef: float, entropy_coef: float) -> torch.Tensor | None:

@@ -20,7 +20,6 @@ result does not depend on micro-batch size or data-parallel size.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -29,8 +28,8 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
-from sage_megatron.actor.batch import (ActorError, TrainBatch, move_response_values, pad_rows, row_slice,
-                                       rows_with_gradient, select_rows)
+from sage_megatron.actor.batch import (ActorError, TrainBatch, move_response_values, padded_tokens,
+                                       plan_micro_batches, row_lengths, rows_with_gradient, select_rows)
 from sage_megatron.actor.logprobs import align_to_tokens, next_token_targets, vocab_parallel_logprobs
 from sage_megatron.algo.losses import AggMode, KLKind, aggregate, kl_loss, policy_loss
 from sage_megatron.parallel.layout import ParallelLayout
@@ -61,7 +60,13 @@ class ActorConfig:
     grad_clip: float = 1.0
     """Global gradient-norm clip (over all TP/PP/DP shards); 0 disables."""
     micro_batch_size: int = 1
-    """Sequences per micro-batch per data-parallel rank (pipeline schedule granularity)."""
+    """At most this many sequences per micro-batch per data-parallel rank."""
+    max_tokens_per_micro_batch: int = 0
+    """When > 0, at most this many padded tokens (rows x longest row) per micro-batch; a longer row runs
+    alone. 0: micro_batch_size alone decides."""
+    group_by_length: bool = True
+    """Micro-batches of rows of similar length, each cut to its own longest row; False: batch order,
+    every micro-batch padded to the batch's longest (the unpacked layout, for comparisons)."""
     use_te: bool = False
     """Transformer Engine layer spec (GPU only); False = megatron's local spec."""
     fp8: Fp8Options | None = None
@@ -131,38 +136,42 @@ class MegatronActor:
 
     # -- helpers shared by both passes --
 
-    def _local_rows(self, batch: TrainBatch) -> tuple[TrainBatch, int, int]:
-        """(this DP rank's rows, micro-batch size, global padded B) after padding B to dp * mbs.
-
-        Padding rows are token id 0 (always a valid id) with mask 0: they change no loss term and are
-        cut from returned log-probs.
-        """
+    def _micro_batches(self, batch: TrainBatch) -> tuple[list[dict], int]:
+        """This DP rank's micro-batches of ``batch`` (``plan_micro_batches``: grouped by length, each cut to
+        its own longest row) and the tokens all ranks compute (padding included). Each micro-batch keeps
+        its ``rows`` (indices into the batch). A rank without rows runs one padding row (token id 0, mask
+        0: no loss term), because every rank runs the schedule."""
         from megatron.core import parallel_state as ps
 
-        dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-        b = batch.tokens.shape[0]
-        mbs = max(1, min(self.config.micro_batch_size, math.ceil(b / dp)))
-        padded = pad_rows(batch, multiple=dp * mbs, pad_id=0)
-        per_rank = padded.tokens.shape[0] // dp
-        return row_slice(padded, dp_rank * per_rank, (dp_rank + 1) * per_rank), mbs, padded.tokens.shape[0]
-
-    def _micro_batches(self, local: TrainBatch, mbs: int) -> list[dict]:
         from sage_megatron.parallel.device import compute_device
 
+        cfg = self.config
+        lengths = row_lengths(batch.response_mask)
+        plan = plan_micro_batches(lengths, dp=ps.get_data_parallel_world_size(), max_rows=cfg.micro_batch_size,
+                                  max_tokens=cfg.max_tokens_per_micro_batch, group_by_length=cfg.group_by_length)
+        full = max(lengths, default=1)
         device = compute_device()
         out = []
-        for i in range(0, local.tokens.shape[0], mbs):
-            mb = row_slice(local, i, i + mbs)
-            seq = mb.tokens.shape[1]
-            item = {"tokens": mb.tokens.to(device),
-                    "positions": torch.arange(seq, device=device).unsqueeze(0).expand(mb.tokens.shape[0], seq),
-                    "mask": mb.response_mask.to(device, torch.float32),
-                    "advantages": mb.advantages.to(device, torch.float32),
-                    "old_logp": None if mb.old_logp is None else mb.old_logp.to(device, torch.float32)}
-            if mb.ref_logp is not None:
-                item["ref_logp"] = mb.ref_logp.to(device, torch.float32)
+        for rows in plan[ps.get_data_parallel_rank()] or [[]]:
+            idx = torch.tensor(rows, dtype=torch.long)
+            width = max((lengths[i] for i in rows), default=min(full, 2)) if cfg.group_by_length else full
+
+            def take(x: torch.Tensor | None) -> torch.Tensor | None:
+                if x is None:
+                    return None
+                return x[idx, :width] if rows else x.new_zeros(1, width)
+
+            tokens = take(batch.tokens)
+            item = {"rows": rows, "tokens": tokens.to(device),
+                    "positions": torch.arange(width, device=device).unsqueeze(0).expand(tokens.shape[0], width),
+                    "mask": take(batch.response_mask).to(device, torch.float32),
+                    "advantages": (batch.advantages[idx] if rows else batch.advantages.new_zeros(1)).to(
+                        device, torch.float32),
+                    "old_logp": None if batch.old_logp is None else take(batch.old_logp).to(device, torch.float32)}
+            if batch.ref_logp is not None:
+                item["ref_logp"] = take(batch.ref_logp).to(device, torch.float32)
             out.append(item)
-        return out
+        return out, padded_tokens(plan, lengths, group_by_length=cfg.group_by_length)
 
     def _token_logprobs(self, output: torch.Tensor, tokens: torch.Tensor, *,
                         with_entropy: bool | str) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -181,45 +190,49 @@ class MegatronActor:
             out = model(mb["tokens"], mb["positions"], attention_mask=None)
             return out, partial(loss_func, mb)
 
-        seq = micro[0]["tokens"].shape[1]
+        # Micro-batches differ in shape; the model config's variable_seq_lengths makes pipeline stages
+        # exchange each one's shape (parallel/model.py), so these maxima only size the first receive.
+        seq = max(mb["tokens"].shape[1] for mb in micro)
+        rows = max(mb["tokens"].shape[0] for mb in micro)
         with on_cpu_if_needed():
             return get_forward_backward_func()(
                 forward_step_func=forward_step, data_iterator=iter(micro), model=[self.model],
-                num_microbatches=len(micro), seq_length=seq, micro_batch_size=micro[0]["tokens"].shape[0],
-                forward_only=forward_only)
+                num_microbatches=len(micro), seq_length=seq, micro_batch_size=rows, forward_only=forward_only)
 
     # -- public API --
 
     @torch.no_grad()
     def compute_logprobs(self, batch: TrainBatch | torch.Tensor) -> torch.Tensor:
         """Per-token log-probs (B, T) of ``batch.tokens`` (aligned: column t = log p(tokens[t] | tokens[<t]),
-        column 0 = 0), float32, on every rank. Collective: every rank calls it with the same batch."""
+        column 0 = 0; 0 after a row's last response token, see ``row_lengths``), float32, on every rank. Collective: every rank calls it with the same batch."""
         from megatron.core import parallel_state as ps
 
         if isinstance(batch, torch.Tensor):
             batch = TrainBatch(tokens=batch, response_mask=torch.zeros(batch.shape), old_logp=torch.zeros(batch.shape),
                                advantages=torch.zeros(batch.shape[0]))
         batch.validate(vocab_size=self.arch.vocab_size)
-        b, t = batch.tokens.shape
-        local, mbs, _ = self._local_rows(batch)
-        micro = self._micro_batches(local, mbs)
+        micro, _ = self._micro_batches(batch)
         was_training = self.model.training
         self.model.eval()
 
         def loss_func(mb: dict, output: torch.Tensor):
             logp, _ = self._token_logprobs(output, mb["tokens"], with_entropy=False)
-            return output.new_zeros(()), {"logp": logp.float()}
+            return output.new_zeros(()), {"logp": logp.float(), "rows": mb["rows"]}
 
         try:
             collected = self._run_schedule(micro, forward_only=True, loss_func=loss_func)
         finally:
             self.model.train(was_training)
+        logp = torch.zeros(batch.tokens.shape, dtype=torch.float32)
         if ps.is_pipeline_last_stage():
-            local_logp = torch.cat([c["logp"] for c in collected], dim=0).cpu()
-        else:
-            local_logp = torch.zeros(local.tokens.shape, dtype=torch.float32)
-        local_logp = _broadcast_from_last_stage(local_logp)
-        return _all_gather_dp(local_logp)[:b]
+            for c in collected:
+                if c["rows"]:
+                    logp[c["rows"], :c["logp"].shape[1]] = c["logp"].cpu()
+            # a row shorter than its micro-batch got columns past its end: 0 there, whatever the grouping
+            lengths = torch.tensor(row_lengths(batch.response_mask))
+            logp *= torch.arange(logp.shape[1])[None, :] < lengths[:, None]
+        logp = _broadcast_from_last_stage(logp)
+        return _sum_over_dp(logp)              # each row was computed on one DP rank, 0 on the others
 
     def old_logprobs(self, batch: TrainBatch, *, only_update: bool = False) -> torch.Tensor | None:
         """pi_old log-probs of the batch's response tokens, at its response columns (0 elsewhere), computed
@@ -287,10 +300,9 @@ class MegatronActor:
         self.model.train()
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
-        collected = []
+        collected, computed = [], 0
         if run.tokens.shape[0]:
-            local, mbs, _ = self._local_rows(run)
-            micro = self._micro_batches(local, mbs)
+            micro, computed = self._micro_batches(run)
             # The schedule divides each micro-batch loss by num_microbatches and DDP averages gradients
             # over DP; both undone here so the gradient is that of the global-batch loss.
             grad_scale = len(micro) * ps.get_data_parallel_world_size()
@@ -314,7 +326,7 @@ class MegatronActor:
             out[k] /= tokens
         # tokens: the batch's response tokens; the per-token metrics above are over the rows run.
         out.update(tokens=num_tokens, tokens_run=float(run.response_mask.sum()),
-                   padded_tokens_run=float(run.tokens.numel()), rows_skipped=num_seqs - run.tokens.shape[0])
+                   padded_tokens_run=float(computed), rows_skipped=num_seqs - run.tokens.shape[0])
         # megatron computes the norm only when clipping is on (it reports 0.0 otherwise): nan then.
         norm_known = cfg.grad_clip > 0 and grad_norm is not None
         out.update(grad_norm=float(grad_norm) if norm_known else float("nan"),
@@ -404,13 +416,11 @@ def _broadcast_from_last_stage(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _all_gather_dp(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate each DP rank's rows (dim 0) in DP-rank order."""
+def _sum_over_dp(x: torch.Tensor) -> torch.Tensor:
+    """x summed over the data-parallel ranks (exact where each element is non-zero on one rank only)."""
     from megatron.core import parallel_state as ps
 
-    dp = ps.get_data_parallel_world_size()
-    if dp == 1:
-        return x
-    parts = [torch.empty_like(x) for _ in range(dp)]
-    dist.all_gather(parts, x.contiguous(), group=ps.get_data_parallel_group())
-    return torch.cat(parts, dim=0)
+    if ps.get_data_parallel_world_size() > 1:
+        x = x.contiguous()
+        dist.all_reduce(x, group=ps.get_data_parallel_group())
+    return x

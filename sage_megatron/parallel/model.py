@@ -158,6 +158,11 @@ def transformer_config(
         tensor_model_parallel_size=layout.tp,
         pipeline_model_parallel_size=layout.pp,
         sequence_parallel=False,
+        # the actor's micro-batches differ in rows and length (actor.batch.plan_micro_batches): pipeline
+        # stages exchange each activation's shape before sending it. megatron refuses that with its default
+        # MoE dispatcher ("allgather"), even for a dense model that builds none; "alltoall" supports it.
+        variable_seq_lengths=True,
+        moe_token_dispatcher_type="alltoall",
         use_cpu_initialization=not on_gpu,
         perform_initialization=False,      # weights always come from a checkpoint
         bias_activation_fusion=on_gpu and use_te,

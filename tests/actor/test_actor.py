@@ -22,8 +22,8 @@ import io
 import pytest
 import torch
 
-from sage_megatron.actor.batch import (TrainBatch, batch_from_groups, move_response_values, pad_rows,
-                                       rows_response_mask)
+from sage_megatron.actor.batch import (TrainBatch, batch_from_groups, move_response_values, padded_tokens,
+                                       plan_micro_batches, row_lengths, rows_response_mask)
 from sage_megatron.actor.logprobs import align_to_tokens, next_token_targets
 from sage_megatron.parallel.layout import ParallelLayout
 from sage_megatron.types import PromptGroup, Sample
@@ -117,13 +117,43 @@ def test_move_response_values():
         move_response_values(vals, src, torch.tensor([[0, 1, 0, 0, 0], [0, 0, 1, 1, 1]]))
 
 
-def test_alignment_helpers_and_row_padding():
+def test_alignment_helpers():
     tokens = torch.tensor([[3, 4, 5, 6]])
     assert next_token_targets(tokens).tolist() == [[4, 5, 6, 6]]
     assert align_to_tokens(torch.tensor([[1.0, 2.0, 3.0, 4.0]])).tolist() == [[0.0, 1.0, 2.0, 3.0]]
+
+
+def test_row_lengths_end_at_the_last_response_token():
     groups, adv = make_groups(vocab_size=50)
-    b = pad_rows(batch_from_groups(groups, adv, pad_id=PAD_ID, max_len=64), multiple=4, pad_id=PAD_ID)
-    assert b.tokens.shape[0] == 8 and b.response_mask[6:].sum() == 0 and b.advantages[6:].abs().sum() == 0
+    b = batch_from_groups(groups, adv, pad_id=PAD_ID, max_len=64)
+    # prompt + response of each sample, as built in make_groups (prompts 5 and 9)
+    assert row_lengths(b.response_mask) == [5 + 7, 5 + 3, 5 + 10, 9 + 4, 9 + 8, 9 + 6]
+    no_response = torch.zeros(2, 7)
+    assert row_lengths(no_response) == [7, 7]                 # log-probs of a raw token tensor: every column
+    assert row_lengths(torch.zeros(0, 7)) == []
+
+
+def test_plan_micro_batches_groups_by_length_within_the_budgets():
+    lengths = [12, 8, 15, 13, 17, 15]
+    # one rank, 2 rows per micro-batch: longest first (ties in batch order)
+    assert plan_micro_batches(lengths, dp=1, max_rows=2) == [[[4, 2], [5, 3], [0, 1]]]
+    assert padded_tokens(plan_micro_batches(lengths, dp=1, max_rows=2), lengths) == 2 * 17 + 2 * 15 + 2 * 12
+    # the unpacked layout: batch order, every micro-batch as wide as the batch's longest row
+    unpacked = plan_micro_batches(lengths, dp=1, max_rows=2, group_by_length=False)
+    assert unpacked == [[[0, 1], [2, 3], [4, 5]]]
+    assert padded_tokens(unpacked, lengths, group_by_length=False) == 6 * 17
+    # a token budget: rows x widest row <= 32; a row wider than the budget runs alone
+    assert plan_micro_batches(lengths, dp=1, max_rows=8, max_tokens=32) == [[[4], [2, 5], [3, 0], [1]]]
+    assert plan_micro_batches([40, 3, 3], dp=1, max_rows=8, max_tokens=32) == [[[0], [1, 2]]]
+    # two DP ranks: longest first, each row to the rank with fewer tokens so far (4: 17|0, 2: 17|15,
+    # 5: 17|30, 3: 30|30, 0: 42|30, 1: 42|38)
+    plan = plan_micro_batches(lengths, dp=2, max_rows=8)
+    assert plan == [[[4, 3, 0]], [[2, 5, 1]]]
+    assert sorted(i for rank in plan for mb in rank for i in mb) == list(range(6))
+    # more ranks than rows: the last rank gets none (the actor runs one padding row there)
+    assert plan_micro_batches([5, 4], dp=3, max_rows=1) == [[[0]], [[1]], []]
+    with pytest.raises(ValueError, match="max_rows >= 1"):
+        plan_micro_batches(lengths, dp=1, max_rows=0)
 
 
 def test_rows_response_mask_keeps_only_the_rows_given():
@@ -252,6 +282,12 @@ def runs(tiny_hf_factory, tmp_path_factory):
                 hf_entropy_token_mean=((hf_entropy * mask).sum() / mask.sum()).item())
 
 
+def _row_columns(batch: TrainBatch) -> torch.Tensor:
+    """(B, T) bool: the columns of each row up to its last response token (prompt + response)."""
+    columns = torch.arange(batch.tokens.shape[1])
+    return columns[None, :] < torch.tensor(row_lengths(batch.response_mask))[:, None]
+
+
 def _merged_weights(ranks: list[dict]) -> dict[str, torch.Tensor]:
     merged: dict[str, torch.Tensor] = {}
     for r in ranks:
@@ -263,8 +299,10 @@ def _merged_weights(ranks: list[dict]) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("layout", LAYOUTS, ids=lambda l: "tp{}pp{}dp{}".format(*l))
 def test_a_logprobs_equal_hf_on_every_rank(runs, layout):
     ranks = runs["results"][layout]
+    inside = _row_columns(runs["batch"])
     for r in ranks:                                     # available on every rank, identical
-        assert (r["logp0"] - runs["hf_llama"]).abs().max().item() <= 1e-4
+        assert (r["logp0"] - runs["hf_llama"])[inside].abs().max().item() <= 1e-4
+        assert r["logp0"][~inside].abs().max().item() == 0.0      # after a row's last response token: 0
         assert (r["qwen_logp"] - runs["hf_qwen"]).abs().max().item() <= 1e-4
         assert torch.equal(r["logp0"], ranks[0]["logp0"]) and torch.equal(r["logp2"], ranks[0]["logp2"])
     # step 1's entropy metric (before any update) is HF's token-mean entropy over the response tokens
@@ -363,10 +401,19 @@ def test_only_update_skips_the_old_logprob_pass_and_takes_the_same_step(runs):
     assert a["clip_frac"] == 0.0 and a["ratio_mean"] == pytest.approx(1.0, abs=1e-7)
 
 
-# ---- skipping rows whose gradient is exactly zero -----------------------------------------------------
+# ---- packed micro-batches and skipped rows against the unpacked, unskipped step -----------------------
 
-def _skip_world(ckpt: str, layout: ParallelLayout, batch: TrainBatch) -> bytes:
-    """One step from the same start with and without skipping the zero-advantage rows."""
+# name -> ActorConfig fields. "unpacked": batch order, 2 rows per micro-batch, each as wide as the batch's
+# longest row, every row run (the layout before packing). "packed": rows grouped by length under a
+# 32-token budget (micro-batches of 1 and 2 rows, 8 to 17 columns wide); "packed_skip": the same with
+# the zero-advantage rows skipped.
+PACKING = {"unpacked": dict(micro_batch_size=2, group_by_length=False, skip_zero_advantage_rows=False),
+           "packed": dict(micro_batch_size=8, max_tokens_per_micro_batch=32, skip_zero_advantage_rows=False),
+           "packed_skip": dict(micro_batch_size=8, max_tokens_per_micro_batch=32, skip_zero_advantage_rows=True)}
+
+
+def _packing_world(ckpt: str, layout: ParallelLayout, batch: TrainBatch) -> bytes:
+    """One step from the same start under each PACKING setting, then one on an all-zero-advantage batch."""
     import io
 
     from megatron.core import parallel_state as ps
@@ -376,28 +423,27 @@ def _skip_world(ckpt: str, layout: ParallelLayout, batch: TrainBatch) -> bytes:
 
     init_parallel(layout)
     out = {}
-    for skip in (True, False):
-        cfg = ActorConfig(ckpt_dir=ckpt, layout=layout, **(TRAIN | dict(kl_coef=0.0, entropy_coef=0.0)),
-                          skip_zero_advantage_rows=skip)
+    for name, fields in PACKING.items():
+        cfg = ActorConfig(ckpt_dir=ckpt, layout=layout, **(TRAIN | dict(kl_coef=0.0, entropy_coef=0.0) | fields))
         actor = MegatronActor(cfg)
         old_logp = actor.old_logprobs(batch)          # the pi_old pass, before the weights move
         metrics = actor.train_step(batch)
-        # then a batch whose every advantage is 0: nothing runs, the optimizer still steps (momentum)
+        # then a batch whose every advantage is 0: nothing runs when skipping, the optimizer still steps
         all_zero = actor.train_step(dataclasses.replace(batch, advantages=torch.zeros_like(batch.advantages)))
         weights = {k: v.clone() for k, v in actor.global_tensors()}
         keep = ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0
-        out[skip] = (metrics, weights if keep else {}, all_zero, old_logp)
+        out[name] = (metrics, weights if keep else {}, all_zero, old_logp)
     buf = io.BytesIO()
     torch.save(out, buf)
     return buf.getvalue()
 
 
 @pytest.mark.multiproc
-def test_skipping_zero_advantage_rows_takes_the_same_step(tiny_hf_factory, tmp_path):
-    """Rows of all-same-reward groups (advantage 0) are not run when KL and entropy are off, in the update
-    and in the pi_old pass; the step (gradient norm, weights after one AdamW step, then one more on an
-    all-zero batch where nothing runs) and pi_old on the rows run equal the unskipped ones within 1e-6
-    at tp=1, tp=2, pp=2, dp=2."""
+def test_packed_and_skipped_steps_equal_the_unpacked_unskipped_step(tiny_hf_factory, tmp_path):
+    """Micro-batches grouped by length under a token budget, and rows whose gradient is exactly 0 (advantage
+    0 with KL and entropy off) not run, in the update and in the pi_old pass: the step (loss, gradient
+    norm, weights after one AdamW step, then one more on an all-zero batch) equal the (1,1,1) unpacked,
+    unskipped step's within 1e-6 at tp=1, tp=2, pp=2, dp=2, and pi_old on the rows run within 5e-6."""
     from sage_megatron.parallel.convert import hf_to_megatron, read_meta
     from sage_megatron.parallel.launch import run_distributed
 
@@ -408,29 +454,41 @@ def test_skipping_zero_advantage_rows_takes_the_same_step(tiny_hf_factory, tmp_p
     batch = dataclasses.replace(batch, old_logp=None)
     zero_rows = int((batch.advantages == 0).sum())
     assert 0 < zero_rows < len(batch.advantages)
+    results = {}
     for layout in [(1, 1, 1), (2, 1, 1), (1, 2, 1), (1, 1, 2)]:
-        blobs = run_distributed(_skip_world, world_size=math.prod(layout),
+        blobs = run_distributed(_packing_world, world_size=math.prod(layout),
                                 args=(str(tmp_path / "ckpt"), ParallelLayout(*layout), batch))
-        ranks = [torch.load(io.BytesIO(b), weights_only=False) for b in blobs]
-        skipped, full = ranks[0][True][0], ranks[0][False][0]
-        assert skipped["rows_skipped"] == zero_rows and full["rows_skipped"] == 0, layout
-        assert skipped["tokens"] == full["tokens"] and skipped["tokens_run"] < full["tokens_run"]
-        assert skipped["loss"] == pytest.approx(full["loss"], abs=1e-6), layout
-        assert skipped["grad_norm"] == pytest.approx(full["grad_norm"], rel=1e-6), layout
-        zero_skipped, zero_full = ranks[0][True][2], ranks[0][False][2]
-        assert zero_skipped["rows_skipped"] == len(batch.advantages) and zero_skipped["tokens_run"] == 0
-        assert zero_skipped["loss"] == zero_full["loss"] == 0.0
-        w_skip = {k: v for r in ranks for k, v in r[True][1].items()}
-        w_full = {k: v for r in ranks for k, v in r[False][1].items()}
-        assert sorted(w_skip) == sorted(w_full) and w_skip
-        moved = max((w_full[k] - w_skip[k]).abs().max().item() for k in w_full)
-        assert moved <= 1e-6, (layout, moved)
-        # the pi_old pass runs the same rows: equal on them, 0 on the skipped ones (never read)
-        old_skip, old_full = ranks[0][True][3], ranks[0][False][3]
-        trained = batch.advantages != 0
-        assert old_full[trained].abs().sum() > 0 and old_full[~trained].abs().sum() > 0
-        assert (old_skip[trained] - old_full[trained]).abs().max().item() <= 1e-6, layout
-        assert old_skip[~trained].abs().max().item() == 0.0, layout
+        results[layout] = [torch.load(io.BytesIO(b), weights_only=False) for b in blobs]
+    reference = results[(1, 1, 1)]
+    ref_metrics, ref_zero, ref_old = reference[0]["unpacked"][0], reference[0]["unpacked"][2], \
+        reference[0]["unpacked"][3]
+    ref_weights = {k: v for r in reference for k, v in r["unpacked"][1].items()}
+    # the unpacked step computes every row at the batch's longest length; packing computes far fewer
+    assert ref_metrics["padded_tokens_run"] == 6 * batch.tokens.shape[1]
+    assert row_lengths(batch.response_mask) == [12, 8, 15, 13, 17, 15]
+    # 32-token budget, longest first: [17] [15 15] [13 12->13] [8]
+    assert reference[0]["packed"][0]["padded_tokens_run"] == 17 + 2 * 15 + 2 * 13 + 8
+    trained = batch.advantages != 0
+    for layout, ranks in results.items():
+        for name in ("packed", "packed_skip"):
+            metrics, _, all_zero, old_logp = ranks[0][name]
+            assert metrics["rows_skipped"] == (zero_rows if name == "packed_skip" else 0), (layout, name)
+            assert metrics["tokens"] == ref_metrics["tokens"]
+            assert metrics["loss"] == pytest.approx(ref_metrics["loss"], abs=1e-6), (layout, name)
+            assert metrics["grad_norm"] == pytest.approx(ref_metrics["grad_norm"], rel=1e-6), (layout, name)
+            assert all_zero["loss"] == ref_zero["loss"] == 0.0
+            weights = {k: v for r in ranks for k, v in r[name][1].items()}
+            assert sorted(weights) == sorted(ref_weights) and weights
+            moved = max((weights[k] - ref_weights[k]).abs().max().item() for k in weights)
+            assert moved <= 1e-6, (layout, name, moved)
+            # pi_old: equal on the rows trained (log-probs of about -5: fp32 rounding differs at other matmul
+            # shapes, ~1e-6), 0 on the skipped ones (never read)
+            assert (old_logp[trained] - ref_old[trained]).abs().max().item() <= 5e-6, (layout, name)
+        skipped, all_zero_skipped = ranks[0]["packed_skip"][0], ranks[0]["packed_skip"][2]
+        assert skipped["tokens_run"] < ref_metrics["tokens_run"]
+        assert all_zero_skipped["rows_skipped"] == len(batch.advantages) and all_zero_skipped["tokens_run"] == 0
+        assert ranks[0]["packed_skip"][3][~trained].abs().max().item() == 0.0, layout
+        assert ref_old[~trained].abs().sum() > 0 and ref_old[trained].abs().sum() > 0
 
 
 def _entropy_rank():
