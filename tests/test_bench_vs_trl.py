@@ -78,6 +78,7 @@ def test_trl_config_mirrors_ours(vs):
     ({"temperature": 0.7}, "temperature"),
     ({"loss_type": "grpo"}, "loss aggregation"),
     ({"lr_scheduler_type": "linear"}, "lr schedule"),
+    ({"gradient_checkpointing": True}, "activation recompute (TRL gradient checkpointing)"),   # TRL's default
 ])
 def test_config_mismatch_is_named(vs, change, what):
     cfg = ours_cfg(vs)
