@@ -37,8 +37,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.weight_sync import converted  # noqa: E402
 from sage_megatron.actor.batch import TrainBatch  # noqa: E402
-from sage_megatron.parallel.convert import hf_to_megatron, read_meta  # noqa: E402
+from sage_megatron.parallel.convert import read_meta  # noqa: E402
 from sage_megatron.parallel.launch import run_distributed  # noqa: E402
 from sage_megatron.parallel.layout import ParallelLayout  # noqa: E402
 from sage_megatron.run_inputs import cached_smollm2  # noqa: E402
@@ -134,10 +135,7 @@ def main() -> int:
         p.error("need --rows, --max-response, --repeats >= 1 and 1 <= --prompt-len MIN <= MAX")
     cache = Path(a.cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
-    hf_dir = cached_smollm2(cache)
-    ckpt = cache / "smollm2_megatron"
-    if not (ckpt / "sage_megatron.json").is_file():
-        hf_to_megatron(hf_dir, ckpt, overwrite=True)
+    ckpt = converted(cached_smollm2(cache), cache, "smollm2")      # the same cached checkpoint as weight_sync's
     batch = make_batch(rows=a.rows, prompt_len=tuple(a.prompt_len), max_response=a.max_response,
                        vocab_size=read_meta(ckpt).arch.vocab_size, seed=a.seed)
     configs = layouts(a.micro_batch_size, a.token_budget)

@@ -174,11 +174,16 @@ def plan_micro_batches(lengths: Sequence[int], *, dp: int, max_rows: int, max_to
     return plan
 
 
+def micro_batch_width(rows: Sequence[int], lengths: Sequence[int], *, group_by_length: bool = True) -> int:
+    """Columns the micro-batch of ``rows`` runs at: its own longest row, or the batch's longest when not
+    grouping by length (see ``plan_micro_batches``)."""
+    return max((lengths[i] for i in rows), default=0) if group_by_length else max(lengths, default=0)
+
+
 def padded_tokens(plan: Sequence[Sequence[Sequence[int]]], lengths: Sequence[int], *,
                   group_by_length: bool = True) -> int:
     """Tokens the forward pass computes for ``plan`` (rows x width per micro-batch, padding included)."""
-    full = max(lengths, default=0)
-    return sum(len(mb) * (max(lengths[i] for i in mb) if group_by_length else full)
+    return sum(len(mb) * micro_batch_width(mb, lengths, group_by_length=group_by_length)
                for rank in plan for mb in rank if mb)
 
 

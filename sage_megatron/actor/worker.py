@@ -28,8 +28,9 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
-from sage_megatron.actor.batch import (ActorError, TrainBatch, move_response_values, padded_tokens,
-                                       plan_micro_batches, row_lengths, rows_with_gradient, select_rows)
+from sage_megatron.actor.batch import (ActorError, TrainBatch, micro_batch_width, move_response_values,
+                                       padded_tokens, plan_micro_batches, row_lengths, rows_with_gradient,
+                                       select_rows)
 from sage_megatron.actor.logprobs import align_to_tokens, next_token_targets, vocab_parallel_logprobs
 from sage_megatron.algo.losses import AggMode, KLKind, aggregate, kl_loss, policy_loss
 from sage_megatron.parallel.layout import ParallelLayout
@@ -149,12 +150,12 @@ class MegatronActor:
         lengths = row_lengths(batch.response_mask)
         plan = plan_micro_batches(lengths, dp=ps.get_data_parallel_world_size(), max_rows=cfg.micro_batch_size,
                                   max_tokens=cfg.max_tokens_per_micro_batch, group_by_length=cfg.group_by_length)
-        full = max(lengths, default=1)
         device = compute_device()
         out = []
         for rows in plan[ps.get_data_parallel_rank()] or [[]]:
             idx = torch.tensor(rows, dtype=torch.long)
-            width = max((lengths[i] for i in rows), default=min(full, 2)) if cfg.group_by_length else full
+            # the padding row of a rank without rows: two columns (or the batch's one)
+            width = micro_batch_width(rows, lengths, group_by_length=cfg.group_by_length) or min(max(lengths, default=1), 2)
 
             def take(x: torch.Tensor | None) -> torch.Tensor | None:
                 if x is None:
