@@ -154,8 +154,9 @@ class MegatronActor:
         out = []
         for rows in plan[ps.get_data_parallel_rank()] or [[]]:
             idx = torch.tensor(rows, dtype=torch.long)
-            # the padding row of a rank without rows: two columns (or the batch's one)
-            width = micro_batch_width(rows, lengths, group_by_length=cfg.group_by_length) or min(max(lengths, default=1), 2)
+            width = micro_batch_width(rows, lengths, group_by_length=cfg.group_by_length)
+            if not rows:                # the padding row of a rank without rows: two columns (or the batch's one)
+                width = min(max(lengths, default=1), 2)
 
             def take(x: torch.Tensor | None) -> torch.Tensor | None:
                 if x is None:
@@ -205,7 +206,8 @@ class MegatronActor:
     @torch.no_grad()
     def compute_logprobs(self, batch: TrainBatch | torch.Tensor) -> torch.Tensor:
         """Per-token log-probs (B, T) of ``batch.tokens`` (aligned: column t = log p(tokens[t] | tokens[<t]),
-        column 0 = 0; 0 after a row's last response token, see ``row_lengths``), float32, on every rank. Collective: every rank calls it with the same batch."""
+        column 0 = 0; 0 after a row's last response token, see ``row_lengths``), float32, on every rank.
+        Collective: every rank calls it with the same batch."""
         from megatron.core import parallel_state as ps
 
         if isinstance(batch, torch.Tensor):
