@@ -128,7 +128,8 @@ class Trainer:
             ckpt_dir=str(resume_from or paths["base_ckpt"]), layout=self.layout, dtype=cfg.model.dtype, lr=o.lr,
             weight_decay=o.weight_decay, grad_clip=o.grad_clip, micro_batch_size=cfg.parallel.micro_batch_size,
             max_tokens_per_micro_batch=cfg.parallel.max_tokens_per_micro_batch,
-            group_by_length=cfg.parallel.group_by_length, clip_low=a.clip_low, clip_high=a.clip_high, clip_c=a.clip_c, kl_coef=a.kl_coef, kl_kind=a.kl_kind,
+            group_by_length=cfg.parallel.group_by_length,
+            clip_low=a.clip_low, clip_high=a.clip_high, clip_c=a.clip_c, kl_coef=a.kl_coef, kl_kind=a.kl_kind,
             entropy_coef=a.entropy_coef, loss_agg=a.loss_agg, use_te=cfg.model.use_te, fp8=fp8_options(cfg.model))
         self.actor = MegatronActor(actor_cfg)
         self.ref = build_reference(replace(actor_cfg, ckpt_dir=str(paths["base_ckpt"])))
