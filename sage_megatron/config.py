@@ -145,6 +145,10 @@ class AlgorithmConfig:
     """Retries of unparsable hint outputs (the failing prompts only, all retries drawn in one call)."""
     hint_retry_temperature: float = 0.7
     """Sampling temperature of the retries."""
+    hint_ahead: bool = True
+    """SAGE, policy hints: draw every prompt's hint (and retries) alongside the unhinted rollout, in the
+    same engine batch, and use those of the prompts that trigger (SageHinting ``speculative_hints``):
+    no wait for hints after the rollout, at the cost of the hints of prompts that do not trigger."""
     prefix_fractions: tuple[float, ...] | None = None
     """reference_prefix: share of solution lines per level (None: l / L)."""
     light_min_threshold: float = 0.1

@@ -96,9 +96,13 @@ class StepSampler:
         self.pool, self.base, self.min_version, self.calls = pool, seed * 1_000_003 + step * 10_007, min_version, 0
 
     def generate(self, requests, sampling):
+        return self.generate_batches([(requests, sampling)])
+
+    def generate_batches(self, batches):
         self.calls += 1
-        seeded = replace(sampling, seed=self.base + self.calls * 100_003 + (sampling.seed or 0))
-        return self.pool.generate(requests, seeded, min_version=self.min_version)
+        seeded = [(requests, replace(sampling, seed=self.base + self.calls * 100_003 + (sampling.seed or 0)))
+                  for requests, sampling in batches]
+        return self.pool.generate_batches(seeded, min_version=self.min_version)
 
 
 class Trainer:
@@ -370,7 +374,7 @@ def build_hinting(cfg: Config, *, encode):
     if a.name == "sage":
         return S.SageHinting(settings, hint_source=source, levels=a.levels, trigger=a.trigger,
                              trigger_threshold=a.trigger_threshold, mode=a.mode, mix_count=a.mix_count,
-                             loss_context=a.loss_context)
+                             loss_context=a.loss_context, speculative_hints=a.hint_ahead)
     schedule = S.SageLightSchedule(levels=a.levels, min_threshold=a.light_min_threshold,
                                    max_threshold=a.light_max_threshold, escalate_only=a.light_escalate_only)
     return S.SageLightHinting(settings, hint_source=source, schedule=schedule, loss_context=a.loss_context)

@@ -22,8 +22,8 @@ def test_step_sampler_seeds_each_call_differently_and_reproducibly():
         def __init__(self):
             self.calls = []
 
-        def generate(self, requests, sampling, *, min_version):
-            self.calls.append((sampling.seed, min_version))
+        def generate_batches(self, batches, *, min_version):
+            self.calls.extend((sampling.seed, min_version) for _, sampling in batches)
             return {}
 
     seeds = []

@@ -38,6 +38,15 @@ class HintSource(Protocol):
         """One HintResult per key of ``rows``. ``sampler`` is the policy's rollout engine."""
         ...
 
+    def speculative_batches(self, rows: Mapping[str, PromptRow]) -> list[tuple[list[RolloutRequest], SamplingConfig]]:
+        """Requests to draw in the same sampler call as the rows' rollout, so hints are ready when it ends;
+        [] when there is nothing to draw ahead (then ``write_hints`` is used)."""
+        ...
+
+    def hints_from_outputs(self, rows: Mapping[str, PromptRow], outputs: Mapping[str, list]) -> dict[str, HintResult]:
+        """The hints of ``rows`` from the outputs of ``speculative_batches``' requests."""
+        ...
+
 
 class PolicyHintSource:
     """Hints written by a model through a Sampler: the policy itself (SAGE) unless given its own.
@@ -49,6 +58,9 @@ class PolicyHintSource:
     retries sample at ``retry_temperature`` (None: ``sampling``'s temperature).
     Pass ``sampler`` for a frozen copy of the initial policy or an external model; leave it None to
     use the sampler of each call (the current policy, SAGE online).
+    Two ways to run the same rounds: ``write_hints`` (round after round, for the given rows only) and
+    ``speculative_batches`` + ``hints_from_outputs`` (every round for every row, drawn alongside the
+    rollout; the rows that need hints read them with the same parsing, round by round).
     """
 
     def __init__(self, *, templates: Templates, encode: Encode, levels: int = 3,
@@ -70,30 +82,70 @@ class PolicyHintSource:
     def write_hints(self, rows: Mapping[str, PromptRow], *, sampler: Sampler) -> dict[str, HintResult]:
         engine = self.sampler if self.sampler is not None else sampler
         results = {uid: HintResult() for uid in rows}
-        prompt_ids = {uid: self.encode(hint_messages(self.templates, problem=row.problem, solution=row.solution))
-                      for uid, row in rows.items()}
+        prompt_ids = self._prompt_ids(rows)
         pending = list(rows)
-        rounds = [self.sampling] + ([self._retry_sampling()] if self.max_retries else [])
-        for attempt, sampling in enumerate(rounds):
+        for attempt, sampling in enumerate(self._rounds()):
             if not pending:
                 break
-            requests = [RolloutRequest(uid=f"{uid}/hintgen/a{attempt}", prompt_ids=prompt_ids[uid]) for uid in pending]
+            requests = [self._request(uid, attempt, prompt_ids[uid]) for uid in pending]
             outputs = engine.generate(requests, sampling)
-            still = []
-            for uid, request in zip(pending, requests):
-                result = results[uid]
-                for sample in outputs.get(request.uid) or []:   # sample order: the first parsable one wins
-                    result.attempts += 1
-                    result.hints = parse_hint_json(sample.text, levels=self.levels)
-                    if result.hints is not None:
-                        break
-                    result.parse_failures += 1
-                if result.hints is None:
-                    still.append(uid)
-            pending = still
-        self.total_parse_failures += sum(r.parse_failures for r in results.values())
-        self.total_failed_prompts += len(pending)
+            for uid in pending:
+                self._absorb(results[uid], outputs.get(self._request_uid(uid, attempt)))
+            pending = [uid for uid in pending if not results[uid].ok]
+        self._count(results)
         return results
+
+    def speculative_batches(self, rows: Mapping[str, PromptRow]) -> list[tuple[list[RolloutRequest], SamplingConfig]]:
+        """Every round's requests for every row, to draw in the step sampler's call that rolls the rows out.
+
+        ``hints_from_outputs`` then reads them for the rows that turn out to need hints, exactly as
+        ``write_hints`` would read its rounds. Costs the hints (and retries) of rows that do not need
+        them; saves the wait for the rollout before hints start and for the first round before
+        retries start. [] when this source writes with its own sampler (that engine cannot share the
+        call).
+        """
+        if self.sampler is not None:
+            return []
+        prompt_ids = self._prompt_ids(rows)
+        return [([self._request(uid, attempt, prompt_ids[uid]) for uid in rows], sampling)
+                for attempt, sampling in enumerate(self._rounds())]
+
+    def hints_from_outputs(self, rows: Mapping[str, PromptRow], outputs: Mapping[str, list]) -> dict[str, HintResult]:
+        """The hints of ``rows`` from the outputs of ``speculative_batches`` (a superset of rows is fine)."""
+        results = {uid: HintResult() for uid in rows}
+        for attempt in range(len(self._rounds())):
+            for uid, result in results.items():
+                if not result.ok:
+                    self._absorb(result, outputs.get(self._request_uid(uid, attempt)))
+        self._count(results)
+        return results
+
+    def _prompt_ids(self, rows: Mapping[str, PromptRow]) -> dict[str, tuple[int, ...]]:
+        return {uid: self.encode(hint_messages(self.templates, problem=row.problem, solution=row.solution))
+                for uid, row in rows.items()}
+
+    def _rounds(self) -> list[SamplingConfig]:
+        return [self.sampling] + ([self._retry_sampling()] if self.max_retries else [])
+
+    @staticmethod
+    def _request_uid(uid: str, attempt: int) -> str:
+        return f"{uid}/hintgen/a{attempt}"
+
+    def _request(self, uid: str, attempt: int, prompt_ids: tuple[int, ...]) -> RolloutRequest:
+        return RolloutRequest(uid=self._request_uid(uid, attempt), prompt_ids=prompt_ids)
+
+    def _absorb(self, result: HintResult, samples: list | None) -> None:
+        """Reads one round's samples into ``result``, in sample order: the first parsable one wins."""
+        for sample in samples or []:
+            result.attempts += 1
+            result.hints = parse_hint_json(sample.text, levels=self.levels)
+            if result.hints is not None:
+                return
+            result.parse_failures += 1
+
+    def _count(self, results: Mapping[str, HintResult]) -> None:
+        self.total_parse_failures += sum(r.parse_failures for r in results.values())
+        self.total_failed_prompts += sum(not r.ok for r in results.values())
 
     def _retry_sampling(self) -> SamplingConfig:
         temperature = self.sampling.temperature if self.retry_temperature is None else self.retry_temperature
@@ -124,6 +176,9 @@ class ReferencePrefixHintSource:
 
     def write_hints(self, rows: Mapping[str, PromptRow], *, sampler: Sampler | None = None) -> dict[str, HintResult]:
         return {uid: self._hints(row.solution) for uid, row in rows.items()}
+
+    def speculative_batches(self, rows: Mapping[str, PromptRow]) -> list:
+        return []   # no model call: nothing to draw ahead
 
     def _hints(self, solution: str) -> HintResult:
         if self.unit == "lines":

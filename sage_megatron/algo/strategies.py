@@ -15,7 +15,8 @@ Strategies (docs/sage.md):
                     l = 1..L re-sampling ONLY the still-unresolved prompts; the hinted group replaces
                     the prompt's group (or is mixed into it: Scaf-GRPO); stop at the first level that
                     resolves it; level L's group is kept even if all wrong. A prompt whose hint cannot
-                    be written keeps its unhinted group.
+                    be written keeps its unhinted group. By default the policy's hints are drawn
+                    ahead, in the unhinted rollout's sampler call (``speculative_hints``).
   SageLightHinting  SAGE-light: a per-prompt level from the accuracy last seen (SageLightSchedule),
                     hints for every prompt with level >= 1, ONE rollout of the batch.
 Hint sources (one interface, ``write_hints``): PolicyHintSource (the policy through the rollout
@@ -39,7 +40,7 @@ from typing import Literal, Mapping, Protocol, Sequence
 from sage_megatron.algo.hint_sources import HintResult, HintSource
 from sage_megatron.algo.templates import Encode, Templates, answer_messages
 from sage_megatron.metrics import PhaseTimer
-from sage_megatron.types import PromptGroup, PromptRow, RewardFn, RolloutRequest, Sampler, SamplingConfig
+from sage_megatron.types import PromptGroup, PromptRow, RewardFn, RolloutRequest, Sample, Sampler, SamplingConfig
 
 
 @dataclass(frozen=True)
@@ -82,18 +83,39 @@ def _check_rows(rows: Sequence[PromptRow]) -> None:
         seen.add(row.index)
 
 
-def _rollout(jobs: Sequence[_Job], *, settings: RolloutSettings, sampler: Sampler, reward_fn: RewardFn,
-             timer: PhaseTimer, phase: str) -> dict[str, PromptGroup]:
-    """Samples G responses per job, scores them, and returns the groups keyed by job uid."""
-    if not jobs:
-        return {}
+def generate_together(sampler: Sampler, batches: Sequence[tuple[Sequence[RolloutRequest], SamplingConfig]]
+                      ) -> dict[str, list[Sample]]:
+    """Several ``(requests, sampling)`` batches in one sampler call when the sampler can (the pool's
+    ``generate_batches``: decoded side by side), else one ``generate`` per batch; keyed by uid."""
+    together = getattr(sampler, "generate_batches", None)
+    if together is not None:
+        return together([(list(requests), sampling) for requests, sampling in batches])
+    outputs: dict[str, list[Sample]] = {}
+    for requests, sampling in batches:
+        outputs.update(sampler.generate(list(requests), sampling))
+    return outputs
+
+
+def _answer_requests(jobs: Sequence[_Job], settings: RolloutSettings) -> list[RolloutRequest]:
+    """One request per job: the answer prompt, with the job's hint when it has one."""
     requests = []
     for job in jobs:
         hint = job.hint_text if job.hint_level > 0 else None
         ids = settings.encode(answer_messages(settings.templates, problem=job.row.problem, hint=hint))
         requests.append(RolloutRequest(uid=job.uid, prompt_ids=ids))
+    return requests
+
+
+def _rollout(jobs: Sequence[_Job], *, settings: RolloutSettings, sampler: Sampler, reward_fn: RewardFn,
+             timer: PhaseTimer, phase: str, alongside: Sequence[tuple[Sequence[RolloutRequest], SamplingConfig]] = ()
+             ) -> tuple[dict[str, PromptGroup], dict[str, list[Sample]]]:
+    """Samples G responses per job, scores them, and returns the groups keyed by job uid, with the
+    outputs of the ``alongside`` batches (drawn in the same sampler call) keyed by their uids."""
+    if not jobs:
+        return {}, {}
+    requests = _answer_requests(jobs, settings)
     with timer.phase(phase):
-        outputs = sampler.generate(requests, settings.sampling)
+        outputs = generate_together(sampler, [(requests, settings.sampling), *alongside])
     for request in requests:
         samples = outputs.get(request.uid)
         if not samples:
@@ -113,7 +135,7 @@ def _rollout(jobs: Sequence[_Job], *, settings: RolloutSettings, sampler: Sample
                                       samples=list(samples), rewards=flat[pos:pos + len(samples)],
                                       hint_level=job.hint_level, hint_text=job.hint_text)
         pos += len(samples)
-    return groups
+    return groups, outputs
 
 
 def _accuracy(rewards: Sequence[float], correct_reward: float) -> float:
@@ -157,8 +179,8 @@ class GrpoHinting:
         _check_rows(rows)
         timer = PhaseTimer("rollout", "reward")
         jobs = [_Job(uid=prompt_uid(step, row.index), row=row) for row in rows]
-        groups = _rollout(jobs, settings=self.settings, sampler=sampler, reward_fn=reward_fn, timer=timer,
-                          phase="rollout")
+        groups, _ = _rollout(jobs, settings=self.settings, sampler=sampler, reward_fn=reward_fn, timer=timer,
+                             phase="rollout")
         final = [groups[j.uid] for j in jobs]
         acc = _mean_accuracy(final, self.settings.correct_reward)
         solved = {g.row_index for g in final if any(r >= self.settings.correct_reward for r in g.rewards)}
@@ -182,12 +204,19 @@ class SageHinting:
                    hinted samples (of the last tried level) replace its lowest-reward samples
                    (later positions first on ties); with no correct hinted sample it is unchanged.
     loss_context:  "hinted" (default) or "original" (sets unhinted_prompt_ids on hinted groups).
+    speculative_hints: hints (and their retries) are drawn for EVERY row in the same sampler call as
+                   the unhinted rollout, and read afterwards for the rows that trigger. It computes
+                   what writing them after the rollout computes (same hint prompt, same policy
+                   weights, same parsing, round by round; only the seeds of the sampled retries
+                   differ), without the wait: with the pool, hint decoding runs in the engines'
+                   batch next to the rollout instead of after it. Costs the hints of rows that do
+                   not trigger. Off: hints for the triggered rows only, after the rollout.
     """
 
     def __init__(self, settings: RolloutSettings, *, hint_source: HintSource, levels: int = 3,
                  trigger: Literal["all_wrong", "threshold"] = "all_wrong", trigger_threshold: float = 0.0,
                  mode: Literal["replace", "mix"] = "replace", mix_count: int = 1,
-                 loss_context: Literal["hinted", "original"] = "hinted") -> None:
+                 loss_context: Literal["hinted", "original"] = "hinted", speculative_hints: bool = True) -> None:
         if getattr(hint_source, "levels", levels) != levels:
             raise ValueError(f"hint source writes {hint_source.levels} levels but SAGE escalates over {levels}")
         _check_choice("trigger", trigger, ("all_wrong", "threshold"))
@@ -203,6 +232,7 @@ class SageHinting:
         self.mode = mode
         self.mix_count = mix_count
         self.loss_context = loss_context
+        self.speculative_hints = speculative_hints
 
     def triggered(self, rewards: Sequence[float]) -> bool:
         """Whether a group counts as unresolved (and gets hints)."""
@@ -214,26 +244,30 @@ class SageHinting:
         cr = self.settings.correct_reward
         timer = PhaseTimer("rollout", "reward", "hint_gen", "hint_rollout")
         row_of = {prompt_uid(step, row.index): row for row in rows}
-        base = _rollout([_Job(uid=u, row=r) for u, r in row_of.items()], settings=self.settings, sampler=sampler,
-                        reward_fn=reward_fn, timer=timer, phase="rollout")
+        ahead = self.hint_source.speculative_batches(row_of) if self.speculative_hints else []
+        base, drawn = _rollout([_Job(uid=u, row=r) for u, r in row_of.items()], settings=self.settings,
+                               sampler=sampler, reward_fn=reward_fn, timer=timer, phase="rollout", alongside=ahead)
         solved = {g.row_index for g in base.values() if any(r >= cr for r in g.rewards)}
         unresolved = [u for u in row_of if self.triggered(base[u].rewards)]
         hints: dict[str, HintResult] = {}
         if unresolved:
             with timer.phase("hint_gen"):
-                hints = self.hint_source.write_hints({u: row_of[u] for u in unresolved}, sampler=sampler)
+                need = {u: row_of[u] for u in unresolved}
+                hints = (self.hint_source.hints_from_outputs(need, drawn) if ahead
+                         else self.hint_source.write_hints(need, sampler=sampler))
         pending = [u for u in unresolved if hints[u].ok]
         metrics: dict[str, float] = {
             "hint/triggered": len(unresolved),
             "hint/source_failed": len(unresolved) - len(pending),
             "hint/parse_failures": sum(h.parse_failures for h in hints.values()),
+            "hint/written_ahead": len(ahead[0][0]) if ahead else 0,
         }
         last_tried: dict[str, PromptGroup] = {}
         for level in range(1, self.levels + 1):
             jobs = [_Job(uid=f"{u}/h{level}", row=row_of[u], hint_level=level, hint_text=hints[u].hints[level])
                     for u in pending]
-            hinted = _rollout(jobs, settings=self.settings, sampler=sampler, reward_fn=reward_fn, timer=timer,
-                              phase="hint_rollout")
+            hinted, _ = _rollout(jobs, settings=self.settings, sampler=sampler, reward_fn=reward_fn, timer=timer,
+                                 phase="hint_rollout")
             still = []
             for u in pending:
                 group = last_tried[u] = hinted[f"{u}/h{level}"]
@@ -402,8 +436,8 @@ class SageLightHinting:
                 jobs.append(_Job(uid=u, row=row))
             else:
                 jobs.append(_Job(uid=f"{u}/h{level}", row=row, hint_level=level, hint_text=text))
-        groups_by_uid = _rollout(jobs, settings=self.settings, sampler=sampler, reward_fn=reward_fn, timer=timer,
-                                 phase="rollout")
+        groups_by_uid, _ = _rollout(jobs, settings=self.settings, sampler=sampler, reward_fn=reward_fn,
+                                    timer=timer, phase="rollout")
         groups = [groups_by_uid[j.uid] for j in jobs]
         for u, group in zip(row_of, groups):
             result = hints.get(u)

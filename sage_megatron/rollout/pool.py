@@ -19,7 +19,10 @@ the pool prints the cluster's nodes and, as each engine becomes ready, the node 
 Generation: requests are spread over the engines by count, every request asks vLLM for its n
 samples at once, and results come back keyed by ``uid`` (never by position). Sampling seeds are
 per request (``SamplingConfig.seed + index of the request in the call``), so a result does not
-depend on which engine drew it, nor on a retry.
+depend on which engine drew it, nor on a retry. ``generate_batches`` runs several
+``(requests, sampling)`` batches in one call, side by side in the engines' continuous batching
+(SAGE writes its hints during the unhinted rollout that way); a request's index then counts
+across the batches in order, so a one-batch call seeds exactly as ``generate``.
 
 Fault tolerance: while a call runs, the pool polls every engine. An engine has failed when its
 actor dies (process killed), its vLLM engine raises (e.g. EngineDeadError after a vLLM process was
@@ -127,7 +130,7 @@ class _Call:
 
     by_uid: dict[str, RolloutRequest]
     seeds: dict[str, int | None]
-    sampling: dict[str, Any]
+    sampling_of: dict[str, dict[str, Any]]                        # uid -> the engine's sampling fields
     results: dict[str, list[Sample]] = field(default_factory=dict)
     attempts: Counter = field(default_factory=Counter)
     assigned: dict[int, set[str]] = field(default_factory=dict)   # engine -> uids in flight
@@ -215,25 +218,46 @@ class RolloutPool(EngineLifecycle):
         ``min_version`` (on-policy mode): refuse with :class:`StaleWeightsError` if any engine
         holds weights older than this version.
         """
+        return self.generate_batches([(requests, sampling)], min_version=min_version)
+
+    def generate_batches(
+        self,
+        batches: Sequence[tuple[Sequence[RolloutRequest], SamplingConfig]],
+        *,
+        min_version: int | None = None,
+    ) -> dict[str, list[Sample]]:
+        """Several ``(requests, sampling)`` batches in one call, decoded side by side; keyed by uid.
+
+        The same as one ``generate`` per batch, except for the seeds (a request's index counts across
+        the batches) and the wall time: no batch waits for another to finish.
+        """
+        requests = [r for batch, _ in batches for r in batch]
         uids = [r.uid for r in requests]
         if len(set(uids)) != len(uids):
             dupes = sorted(u for u, c in Counter(uids).items() if c > 1)
             raise ValueError(f"duplicate uids in one generate call: {dupes[:5]}"
                              f"{' ...' if len(dupes) > 5 else ''} ({len(dupes)} uids repeated); "
                              f"results are keyed by uid, so each request needs its own")
-        if sampling.n < 1 or sampling.max_tokens < 1:
-            raise ValueError(f"sampling needs n >= 1 and max_tokens >= 1, got {sampling}")
+        for _, sampling in batches:
+            if sampling.n < 1 or sampling.max_tokens < 1:
+                raise ValueError(f"sampling needs n >= 1 and max_tokens >= 1, got {sampling}")
         self._check_usable()
         if any(s.state != "ready" for s in self.slots):
             self._recover_all()   # an engine lost by an earlier failed call
         self._check_version(min_version)
         if not requests:
             return {}
+        seeds, sampling_of = {}, {}
+        for batch, sampling in batches:
+            fields = {"n": sampling.n, "temperature": sampling.temperature, "top_p": sampling.top_p,
+                      "max_tokens": sampling.max_tokens, "stop": tuple(sampling.stop)}
+            for r in batch:
+                seeds[r.uid] = None if sampling.seed is None else sampling.seed + len(seeds)
+                sampling_of[r.uid] = fields
         call = _Call(
             by_uid={r.uid: r for r in requests},
-            seeds={r.uid: None if sampling.seed is None else sampling.seed + i for i, r in enumerate(requests)},
-            sampling={"n": sampling.n, "temperature": sampling.temperature, "top_p": sampling.top_p,
-                      "max_tokens": sampling.max_tokens, "stop": tuple(sampling.stop)},
+            seeds=seeds,
+            sampling_of=sampling_of,
             assigned={s.index: set() for s in self.slots},
             jobs={s.index: [] for s in self.slots},
             waiting=list(uids),
@@ -275,18 +299,24 @@ class RolloutPool(EngineLifecycle):
                 raise RolloutEngineError(
                     f"request {u!r} was issued {self.config.max_attempts} times (max_attempts) without "
                     f"finishing; last failure: engine {slot.index}: {slot.last_error or 'none recorded'}")
-        job_id = next(self._job_ids)
-        items = [(u, list(call.by_uid[u].prompt_ids), call.seeds[u]) for u in batch]
-        try:
-            ray.get(slot.actor.submit.remote(job_id, items, call.sampling), timeout=self.config.rpc_timeout_s)
-        except Exception as exc:  # it died since the last poll: take the batch back, restart it
-            for u in batch:
-                call.attempts[u] -= 1
-            call.waiting.extend(batch)
-            self._engine_failed(call, slot, f"submit failed: {short_error(exc)}")
-            return
-        call.jobs[slot.index].append(job_id)
-        call.assigned[slot.index].update(batch)
+        shares: dict[tuple, list[str]] = {}   # one engine job per sampling, in request order
+        for u in batch:
+            shares.setdefault(tuple(call.sampling_of[u].items()), []).append(u)
+        for i, share in enumerate(shares.values()):
+            job_id = next(self._job_ids)
+            items = [(u, list(call.by_uid[u].prompt_ids), call.seeds[u]) for u in share]
+            try:
+                ray.get(slot.actor.submit.remote(job_id, items, call.sampling_of[share[0]]),
+                        timeout=self.config.rpc_timeout_s)
+            except Exception as exc:  # it died since the last poll: take the rest back, restart it
+                unsent = [u for rest in list(shares.values())[i:] for u in rest]
+                for u in unsent:
+                    call.attempts[u] -= 1
+                call.waiting.extend(unsent)
+                self._engine_failed(call, slot, f"submit failed: {short_error(exc)}")
+                return
+            call.jobs[slot.index].append(job_id)
+            call.assigned[slot.index].update(share)
 
     def _poll_engine(self, call: _Call, slot: EngineSlot) -> bool:
         """Collect finished requests from one engine; detect death / errors / hangs."""

@@ -198,14 +198,49 @@ def test_grpo_hinting_is_one_rollout():
 NEED = {0: 0, 1: 1, 2: 2, 3: None, 4: None, 5: 3}
 
 
-def run_sage(**kw):
-    policy = ScriptedPolicy(need=NEED, bad_hints={4})
+@dataclass
+class BatchingPolicy(ScriptedPolicy):
+    """The scripted policy with the pool's ``generate_batches``: one recorded call for several batches."""
+
+    def generate_batches(self, batches):
+        out = {}
+        for requests, sampling in batches:
+            out.update(super().generate(requests, sampling))
+            del self.calls[-1]
+        self.calls.append(([r.uid for requests, _ in batches for r in requests], None))
+        return out
+
+
+def run_sage(policy_cls=ScriptedPolicy, **kw):
+    policy = policy_cls(need=NEED, bad_hints={4})
     sage = SageHinting(settings(), hint_source=hint_source(max_retries=2), **kw)
     return policy, sage.apply(rows(0, 1, 2, 3, 4, 5), step=7, sampler=policy, reward_fn=reward_fn)
 
 
+def test_hints_drawn_ahead_give_the_groups_of_hints_written_after():
+    """speculative_hints: the hints of all rows ride in the unhinted rollout's call; what is trained on
+    and every metric but the count of hints written ahead equal the hints-after run."""
+    after_policy, after = run_sage(speculative_hints=False)
+    ahead_policy, ahead = run_sage(BatchingPolicy, speculative_hints=True)
+    rows_ = ["s7/r0", "s7/r1", "s7/r2", "s7/r3", "s7/r4", "s7/r5"]
+    assert ahead_policy.calls[0][0] == rows_ + [f"{u}/hintgen/a0" for u in rows_] + [f"{u}/hintgen/a1" for u in rows_]
+    assert [uids for uids, _ in ahead_policy.calls[1:]] == after_policy.answer_uids()[1:]   # then the levels only
+    assert len(ahead_policy.calls) == len(after_policy.calls) - 2
+    assert [(g.uid, g.prompt_ids, g.rewards, g.hint_text) for g in ahead.groups] == \
+        [(g.uid, g.prompt_ids, g.rewards, g.hint_text) for g in after.groups]
+    assert ahead.solved_rows == after.solved_rows
+    same = {k: v for k, v in after.metrics.items() if k.startswith(("hint/", "acc/")) and k != "hint/written_ahead"}
+    assert len(same) == 15 and {k: ahead.metrics[k] for k in same} == same
+    assert (after.metrics["hint/written_ahead"], ahead.metrics["hint/written_ahead"]) == (0, 6)
+    # a sampler without generate_batches gets the same batches one call each, in the same order
+    plain_policy, plain = run_sage(speculative_hints=True)
+    assert [uids for uids, _ in plain_policy.calls[:3]] == [rows_, [f"{u}/hintgen/a0" for u in rows_],
+                                                              [f"{u}/hintgen/a1" for u in rows_]]
+    assert [g.uid for g in plain.groups] == [g.uid for g in after.groups]
+
+
 def test_sage_escalates_only_the_unresolved_subset():
-    policy, out = run_sage()
+    policy, out = run_sage(speculative_hints=False)
     # unhinted rollout of all; hints for the 5 unresolved (P4 retried: 2 samples, one call); then only the unresolved
     assert policy.answer_uids() == [
         ["s7/r0", "s7/r1", "s7/r2", "s7/r3", "s7/r4", "s7/r5"],

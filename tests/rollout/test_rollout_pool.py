@@ -12,6 +12,7 @@ import os
 import signal
 import threading
 import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -211,6 +212,26 @@ def test_generate_n_samples_across_engines_and_greedy_matches_hf(pool, models):
 
     hf = _hf_model(models["a"])
     assert _greedy(pool) == [_hf_greedy(hf, p, 12) for p in PROMPTS]
+
+
+@pytest.mark.vllm
+def test_generate_batches_equals_one_generate_per_batch(pool):
+    """Batches with different sampling in one call (SAGE's hints beside its rollout) give what separate
+    calls give when the second call's seed starts where the first batch's requests end."""
+    first = [RolloutRequest(uid=f"b0/{i}", prompt_ids=(3, 30 + i, 4)) for i in range(3)]
+    second = [RolloutRequest(uid=f"b1/{i}", prompt_ids=(3, 40 + i, 5, 4)) for i in range(4)]
+    sampled = SamplingConfig(n=3, temperature=1.0, max_tokens=16, seed=11)
+    greedy = SamplingConfig(n=1, temperature=0.0, max_tokens=20)
+    reseeded = SamplingConfig(n=2, temperature=0.9, max_tokens=12, seed=11 + len(first) + len(second))
+    third = [RolloutRequest(uid=f"b2/{i}", prompt_ids=(3, 50 + i, 4)) for i in range(2)]
+    together = pool.generate_batches([(first, sampled), (second, greedy), (third, replace(reseeded, seed=11))])
+    _check_samples({u: v for u, v in together.items() if u.startswith("b0/")}, [r.uid for r in first], 3)
+    _check_samples({u: v for u, v in together.items() if u.startswith("b1/")}, [r.uid for r in second], 1)
+    apart = {**pool.generate(first, sampled), **pool.generate(second, greedy), **pool.generate(third, reseeded)}
+    assert sorted(together) == sorted(apart)
+    assert {u: [s.response_ids for s in v] for u, v in together.items()} == \
+        {u: [s.response_ids for s in v] for u, v in apart.items()}
+    assert all(len(s.response_ids) <= 12 for u in ("b2/0", "b2/1") for s in together[u])
 
 
 @pytest.mark.vllm
