@@ -34,17 +34,15 @@ class HintSource(Protocol):
 
     levels: int
 
-    def write_hints(self, rows: Mapping[str, PromptRow], *, sampler: Sampler) -> dict[str, HintResult]:
-        """One HintResult per key of ``rows``. ``sampler`` is the policy's rollout engine."""
+    def write_hints(self, rows: Mapping[str, PromptRow], *, sampler: Sampler,
+                    drawn: Mapping[str, list] | None = None) -> dict[str, HintResult]:
+        """One HintResult per key of ``rows``. ``sampler`` is the policy's rollout engine; ``drawn``: the
+        outputs of ``speculative_batches``' requests, when they were drawn ahead."""
         ...
 
     def speculative_batches(self, rows: Mapping[str, PromptRow]) -> list[tuple[list[RolloutRequest], SamplingConfig]]:
         """Requests to draw in the same sampler call as the rows' rollout, so hints are ready when it ends;
-        [] when there is nothing to draw ahead (then ``write_hints`` is used)."""
-        ...
-
-    def hints_from_outputs(self, rows: Mapping[str, PromptRow], outputs: Mapping[str, list]) -> dict[str, HintResult]:
-        """The hints of ``rows`` from the outputs of ``speculative_batches``' requests."""
+        [] when there is nothing to draw ahead."""
         ...
 
 
@@ -58,9 +56,9 @@ class PolicyHintSource:
     retries sample at ``retry_temperature`` (None: ``sampling``'s temperature).
     Pass ``sampler`` for a frozen copy of the initial policy or an external model; leave it None to
     use the sampler of each call (the current policy, SAGE online).
-    Two ways to run the same rounds: ``write_hints`` (round after round, for the given rows only) and
-    ``speculative_batches`` + ``hints_from_outputs`` (every round for every row, drawn alongside the
-    rollout; the rows that need hints read them with the same parsing, round by round).
+    ``speculative_batches`` lets the caller draw the first round for every row ahead, alongside the
+    rollout; ``write_hints(..., drawn=...)`` then reads it for the rows that need hints (same parsing)
+    and draws only the retries.
     """
 
     def __init__(self, *, templates: Templates, encode: Encode, levels: int = 3,
@@ -79,7 +77,10 @@ class PolicyHintSource:
         self.total_parse_failures = 0   # over the source's life (logs)
         self.total_failed_prompts = 0
 
-    def write_hints(self, rows: Mapping[str, PromptRow], *, sampler: Sampler) -> dict[str, HintResult]:
+    def write_hints(self, rows: Mapping[str, PromptRow], *, sampler: Sampler,
+                    drawn: Mapping[str, list] | None = None) -> dict[str, HintResult]:
+        """Round after round for the rows still without a parsable hint. A round whose requests are in
+        ``drawn`` (the outputs of ``speculative_batches``' requests) is read from there, not drawn again."""
         engine = self.sampler if self.sampler is not None else sampler
         results = {uid: HintResult() for uid in rows}
         prompt_ids = self._prompt_ids(rows)
@@ -87,38 +88,28 @@ class PolicyHintSource:
         for attempt, sampling in enumerate(self._rounds()):
             if not pending:
                 break
-            requests = [self._request(uid, attempt, prompt_ids[uid]) for uid in pending]
-            outputs = engine.generate(requests, sampling)
+            outputs = drawn or {}
+            if any(self._request_uid(uid, attempt) not in outputs for uid in pending):
+                outputs = engine.generate([self._request(uid, attempt, prompt_ids[uid]) for uid in pending], sampling)
             for uid in pending:
                 self._absorb(results[uid], outputs.get(self._request_uid(uid, attempt)))
             pending = [uid for uid in pending if not results[uid].ok]
-        self._count(results)
+        self.total_parse_failures += sum(r.parse_failures for r in results.values())
+        self.total_failed_prompts += len(pending)
         return results
 
     def speculative_batches(self, rows: Mapping[str, PromptRow]) -> list[tuple[list[RolloutRequest], SamplingConfig]]:
-        """Every round's requests for every row, to draw in the step sampler's call that rolls the rows out.
+        """The first round's request of every row, to draw in the sampler call that rolls the rows out.
 
-        ``hints_from_outputs`` then reads them for the rows that turn out to need hints, exactly as
-        ``write_hints`` would read its rounds. Costs the hints (and retries) of rows that do not need
-        them; saves the wait for the rollout before hints start and for the first round before
-        retries start. [] when this source writes with its own sampler (that engine cannot share the
-        call).
+        ``write_hints(..., drawn=outputs)`` then reads that round for the rows that turn out to need
+        hints, and draws the retries of those whose output did not parse. Costs the hints of rows that
+        do not need them; saves the wait for the rollout before hints start. [] when this source writes
+        with its own sampler (that engine cannot share the call).
         """
         if self.sampler is not None:
             return []
         prompt_ids = self._prompt_ids(rows)
-        return [([self._request(uid, attempt, prompt_ids[uid]) for uid in rows], sampling)
-                for attempt, sampling in enumerate(self._rounds())]
-
-    def hints_from_outputs(self, rows: Mapping[str, PromptRow], outputs: Mapping[str, list]) -> dict[str, HintResult]:
-        """The hints of ``rows`` from the outputs of ``speculative_batches`` (a superset of rows is fine)."""
-        results = {uid: HintResult() for uid in rows}
-        for attempt in range(len(self._rounds())):
-            for uid, result in results.items():
-                if not result.ok:
-                    self._absorb(result, outputs.get(self._request_uid(uid, attempt)))
-        self._count(results)
-        return results
+        return [([self._request(uid, 0, prompt_ids[uid]) for uid in rows], self.sampling)]
 
     def _prompt_ids(self, rows: Mapping[str, PromptRow]) -> dict[str, tuple[int, ...]]:
         return {uid: self.encode(hint_messages(self.templates, problem=row.problem, solution=row.solution))
@@ -142,10 +133,6 @@ class PolicyHintSource:
             if result.hints is not None:
                 return
             result.parse_failures += 1
-
-    def _count(self, results: Mapping[str, HintResult]) -> None:
-        self.total_parse_failures += sum(r.parse_failures for r in results.values())
-        self.total_failed_prompts += sum(not r.ok for r in results.values())
 
     def _retry_sampling(self) -> SamplingConfig:
         temperature = self.sampling.temperature if self.retry_temperature is None else self.retry_temperature
@@ -174,7 +161,8 @@ class ReferencePrefixHintSource:
         self.unit = unit
         self.fractions = fr
 
-    def write_hints(self, rows: Mapping[str, PromptRow], *, sampler: Sampler | None = None) -> dict[str, HintResult]:
+    def write_hints(self, rows: Mapping[str, PromptRow], *, sampler: Sampler | None = None,
+                    drawn: Mapping[str, list] | None = None) -> dict[str, HintResult]:
         return {uid: self._hints(row.solution) for uid, row in rows.items()}
 
     def speculative_batches(self, rows: Mapping[str, PromptRow]) -> list:

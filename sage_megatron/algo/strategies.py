@@ -204,13 +204,13 @@ class SageHinting:
                    hinted samples (of the last tried level) replace its lowest-reward samples
                    (later positions first on ties); with no correct hinted sample it is unchanged.
     loss_context:  "hinted" (default) or "original" (sets unhinted_prompt_ids on hinted groups).
-    speculative_hints: hints (and their retries) are drawn for EVERY row in the same sampler call as
-                   the unhinted rollout, and read afterwards for the rows that trigger. It computes
-                   what writing them after the rollout computes (same hint prompt, same policy
-                   weights, same parsing, round by round; only the seeds of the sampled retries
-                   differ), without the wait: with the pool, hint decoding runs in the engines'
-                   batch next to the rollout instead of after it. Costs the hints of rows that do
-                   not trigger. Off: hints for the triggered rows only, after the rollout.
+    speculative_hints: the first round of hints is drawn for EVERY row in the same sampler call as
+                   the unhinted rollout, and read afterwards for the rows that trigger (their
+                   retries, when needed, are drawn after). It computes what writing hints after the
+                   rollout computes (same hint prompt, same policy weights, same parsing), without
+                   the wait: with the pool, hint decoding runs in the engines' batch next to the
+                   rollout instead of after it. Costs the hints of rows that do not trigger.
+                   Off: hints for the triggered rows only, after the rollout.
     """
 
     def __init__(self, settings: RolloutSettings, *, hint_source: HintSource, levels: int = 3,
@@ -252,9 +252,8 @@ class SageHinting:
         hints: dict[str, HintResult] = {}
         if unresolved:
             with timer.phase("hint_gen"):
-                need = {u: row_of[u] for u in unresolved}
-                hints = (self.hint_source.hints_from_outputs(need, drawn) if ahead
-                         else self.hint_source.write_hints(need, sampler=sampler))
+                hints = self.hint_source.write_hints({u: row_of[u] for u in unresolved}, sampler=sampler,
+                                                     drawn=drawn if ahead else None)
         pending = [u for u in unresolved if hints[u].ok]
         metrics: dict[str, float] = {
             "hint/triggered": len(unresolved),
