@@ -252,14 +252,13 @@ class SageHinting:
         hints: dict[str, HintResult] = {}
         if unresolved:
             with timer.phase("hint_gen"):
-                hints = self.hint_source.write_hints({u: row_of[u] for u in unresolved}, sampler=sampler,
-                                                     drawn=drawn if ahead else None)
+                hints = self.hint_source.write_hints({u: row_of[u] for u in unresolved}, sampler=sampler, drawn=drawn)
         pending = [u for u in unresolved if hints[u].ok]
         metrics: dict[str, float] = {
             "hint/triggered": len(unresolved),
             "hint/source_failed": len(unresolved) - len(pending),
             "hint/parse_failures": sum(h.parse_failures for h in hints.values()),
-            "hint/written_ahead": len(ahead[0][0]) if ahead else 0,
+            "hint/written_ahead": sum(len(requests) for requests, _ in ahead),
         }
         last_tried: dict[str, PromptGroup] = {}
         for level in range(1, self.levels + 1):

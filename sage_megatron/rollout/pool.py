@@ -251,7 +251,7 @@ class RolloutPool(EngineLifecycle):
         for batch, sampling in batches:
             fields = {"n": sampling.n, "temperature": sampling.temperature, "top_p": sampling.top_p,
                       "max_tokens": sampling.max_tokens, "stop": tuple(sampling.stop)}
-            for r in batch:
+            for r in batch:   # len(seeds): the request's index in the whole call
                 seeds[r.uid] = None if sampling.seed is None else sampling.seed + len(seeds)
                 sampling_of[r.uid] = fields
         call = _Call(
