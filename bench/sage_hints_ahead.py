@@ -35,28 +35,21 @@ def main() -> int:
     p.add_argument("--json", default=None)
     a = p.parse_args()
 
-    import functools
     from dataclasses import replace
 
-    from sage_megatron.algo.reward import batch_math_reward
     from sage_megatron.algo.templates import chat_encoder
     from sage_megatron.config import load_config
-    from sage_megatron.rollout.pool import RolloutPool, RolloutPoolConfig
-    from sage_megatron.rollout.vllm_engine import engine_config_for
-    from sage_megatron.tasks.data import EpochIterator
+    from sage_megatron.rollout.pool import RolloutPool
     from sage_megatron.run_inputs import load_train_rows
-    from sage_megatron.train import StepSampler, build_hinting, prepare
+    from sage_megatron.tasks.data import EpochIterator
+    from sage_megatron.train import StepSampler, build_hinting, build_reward, prepare, rollout_pool_config
 
     cfg = load_config(a.config, ["algorithm.name=sage", "run.dir=runs/bench_sage_hints_ahead"])
     paths = prepare(cfg)
-    pool = RolloutPool(RolloutPoolConfig(engine=engine_config_for(cfg.rollout, model_dir=paths["hf_dir"],
-                                                                  seed=cfg.run.seed),
-                                         num_engines=cfg.rollout.num_engines, verbose=False))
+    pool = RolloutPool(rollout_pool_config(cfg, hf_dir=paths["hf_dir"]))   # the trainer's pool settings
     try:
         encode = chat_encoder(pool.tokenizer)
-        rw = cfg.reward
-        reward = functools.partial(batch_math_reward, extractor=rw.extractor, workers=rw.workers,
-                                   timeout_s=rw.timeout_s, batch_timeout_s=rw.batch_timeout_s)
+        reward = build_reward(cfg)
         hinting = {
             "grpo": build_hinting(replace(cfg, algorithm=replace(cfg.algorithm, name="grpo")), encode=encode),
             "sage_after": build_hinting(replace(cfg, algorithm=replace(cfg.algorithm, hint_ahead=False)), encode=encode),

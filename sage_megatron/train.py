@@ -162,27 +162,18 @@ class Trainer:
             self.maybe_evaluate(0)
 
     def _start_rank0(self, saved: dict | None, pool) -> None:
-        from sage_megatron.algo.reward import batch_math_reward
         from sage_megatron.algo.templates import chat_encoder
         from sage_megatron.metrics import MetricsWriter
-        from sage_megatron.rollout.pool import RolloutPoolConfig
-        from sage_megatron.rollout.vllm_engine import engine_config_for
         from sage_megatron.rollout.weight_sync import start_rollout_pool_in_trainer
-        from sage_megatron.rollout.weight_transport import TransportConfig
         from sage_megatron.tasks.data import EpochIterator
 
-        cfg, r = self.cfg, self.cfg.rollout
-        self.pool = pool if pool is not None else start_rollout_pool_in_trainer(RolloutPoolConfig(
-            engine=engine_config_for(r, model_dir=str(self.paths["hf_dir"]), seed=cfg.run.seed),
-            num_engines=r.num_engines, ray_address=r.ray_address, placement=r.placement,
-            cpus_per_engine=r.cpus_per_engine, engine_ips=tuple(self.engine_ips or ()), verbose=False,
-            transport=TransportConfig(kind=r.transport, colocated=False)))
+        cfg = self.cfg
+        self.pool = pool if pool is not None else start_rollout_pool_in_trainer(
+            rollout_pool_config(cfg, hf_dir=self.paths["hf_dir"], engine_ips=self.engine_ips))
         tok = self.pool.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         self.encode = chat_encoder(tok)
-        rw = cfg.reward
-        self.reward = functools.partial(batch_math_reward, extractor=rw.extractor, workers=rw.workers,
-                                        timeout_s=rw.timeout_s, batch_timeout_s=rw.batch_timeout_s)
+        self.reward = build_reward(cfg)
         self.hinting = build_hinting(cfg, encode=self.encode)
         self.data = EpochIterator(load_train_rows(cfg, self.paths), batch_size=cfg.data.batch_size,
                                   seed=cfg.run.seed, shuffle=cfg.data.shuffle)
@@ -350,6 +341,29 @@ def run_rank(runs: list[tuple[Config, dict]], engine_ips: list[str] | None = Non
 
 
 # ============================================================================ building from config
+
+
+def rollout_pool_config(cfg: Config, *, hf_dir: str, engine_ips=None):
+    """The rollout pool the config asks for (engines on ``engine_ips`` when the ranks' ledger placed them)."""
+    from sage_megatron.rollout.pool import RolloutPoolConfig
+    from sage_megatron.rollout.vllm_engine import engine_config_for
+    from sage_megatron.rollout.weight_transport import TransportConfig
+
+    r = cfg.rollout
+    return RolloutPoolConfig(
+        engine=engine_config_for(r, model_dir=str(hf_dir), seed=cfg.run.seed),
+        num_engines=r.num_engines, ray_address=r.ray_address, placement=r.placement,
+        cpus_per_engine=r.cpus_per_engine, engine_ips=tuple(engine_ips or ()), verbose=False,
+        transport=TransportConfig(kind=r.transport, colocated=False))
+
+
+def build_reward(cfg: Config):
+    """The reward function the config asks for: math-verify on the extracted answer, in bounded workers."""
+    from sage_megatron.algo.reward import batch_math_reward
+
+    rw = cfg.reward
+    return functools.partial(batch_math_reward, extractor=rw.extractor, workers=rw.workers,
+                             timeout_s=rw.timeout_s, batch_timeout_s=rw.batch_timeout_s)
 
 
 def build_hinting(cfg: Config, *, encode):
