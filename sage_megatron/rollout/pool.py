@@ -37,10 +37,11 @@ returns only when every engine is healthy again, at the pool's weight version.
 
 Weights: ``update_weights`` packs the trainer's ``(hf_name, tensor)`` stream into buckets of at most
 ``bucket_bytes`` and loads each bucket into every engine in place (``weight_transport.py``); the
-engines' version then becomes ``version``. Sender-side extra memory: about one bucket. With
-``keep_last_weights`` (default) the buckets of the last version stay in the object store for
-restarts: one model copy there (Ray spills it to disk under memory pressure); the previous
-version's copy is dropped when the next update starts.
+engines' version then becomes ``version``. Sender-side extra private memory: about one bucket. The
+CPU transport's slot files (one per bucket index, reused by every update) hold one model copy in
+/dev/shm; with ``keep_last_weights`` (default) they, plus object-store copies for engines on other
+nodes, are what a restarted engine is given; the previous version's copy is dropped when the next
+update starts.
 """
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ import os
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -107,7 +108,7 @@ class RolloutPoolConfig:
     transport: TransportConfig = field(default_factory=TransportConfig)
     """How weight buckets reach the engines (see weight_transport.py)."""
     keep_last_weights: bool = True
-    """Keep the last update's buckets in the object store so that a restarted engine gets them."""
+    """Keep the last update's buckets (CPU transport: its slot files / object-store copies) for restarted engines."""
     hang_timeout_s: float = 120.0
     """An engine with requests pending and no completed step for this long is restarted."""
     rpc_timeout_s: float = 60.0
@@ -151,7 +152,7 @@ class RolloutPool(EngineLifecycle):
         """Start Ray (or join it), the placement group and the engines; blocks until all are ready.
 
         ``restore_weights``: returns the current ``(hf_name, tensor)`` stream again; used to bring
-        a restarted engine to the current version when no copy is kept in the object store.
+        a restarted engine to the current version when no copy of the last update is kept.
         """
         import ray
 
@@ -395,7 +396,10 @@ class RolloutPool(EngineLifecycle):
         """Load HF-named tensors into every engine in place; the engines' version becomes ``version``.
 
         Names not in the stream keep their current values (a partial update is fine). Returns
-        ``{version, buckets, tensors, bytes, seconds, transport}``. An engine that dies during the
+        ``{version, buckets, tensors, bytes, seconds, transport, phases}``; ``phases`` splits the wall time:
+        ``stream_s`` waiting for ``named_tensors`` (the trainer's gather and name mapping), ``send_s`` the
+        transport's hand-off (encode into the slot files or the object store), ``load_s`` waiting for the engines to load the buckets,
+        ``begin_s``/``finish_s`` opening and closing their update sessions (finish re-packs pending layers). An engine that dies during the
         update is restarted and brought to the new version afterwards. If the stream itself fails
         (the trainer's generator raises, a name is unknown to the model), the engines hold a mix of
         old and new weights: the pool refuses to generate until an update succeeds.
@@ -411,21 +415,30 @@ class RolloutPool(EngineLifecycle):
         self._kept_refs, self._kept_version = [], 0   # drop the previous copy before making the next
         live = [s for s in self.slots if s.state == "ready"]
         stats = {"version": version, "buckets": 0, "tensors": 0, "bytes": 0, "transport": self._transport_name}
+        phases = dict.fromkeys(("begin_s", "stream_s", "send_s", "load_s", "finish_s"), 0.0)
         refs = []
         self._broken_update = f"update_weights(version={version}) did not complete"
         try:
+            tic = time.perf_counter()
             live = self._gather(live, self.transport.begin([s.actor for s in live]), "begin weight update")
-            for bucket in iter_buckets(named_tensors, bucket_bytes=bucket_bytes):
+            phases["begin_s"] += time.perf_counter() - tic
+            for bucket in iter_buckets(_timed(named_tensors, phases, "stream_s"), bucket_bytes=bucket_bytes):
+                tic = time.perf_counter()
                 ref, futures = self.transport.send_bucket([s.actor for s in live], bucket)
+                sent = time.perf_counter()
                 live = self._gather(live, futures, "load a weight bucket")
+                phases["send_s"] += sent - tic
+                phases["load_s"] += time.perf_counter() - sent
                 if keep and ref is not None:
                     refs.append(ref)
                 stats["buckets"] += 1
                 stats["tensors"] += len(bucket)
                 stats["bytes"] += sum(tensor_nbytes(t) for _, t in bucket)
                 del bucket, ref
+            tic = time.perf_counter()
             live = self._gather(live, self.transport.finish([s.actor for s in live], version=version),
                                 "finish weight update")
+            phases["finish_s"] += time.perf_counter() - tic
         except BaseException as exc:
             self._broken_update = (f"update_weights(version={version}) failed after {stats['buckets']} "
                                    f"bucket(s): {short_error(exc)}; the engines hold a mix of old and new weights")
@@ -443,6 +456,7 @@ class RolloutPool(EngineLifecycle):
             self._kept_refs, self._kept_version = refs, version
         self._recover_all()   # engines that died during the update: restart + replay
         stats["seconds"] = time.monotonic() - t0
+        stats["phases"] = phases
         return stats
 
     def prompt_logprobs(self, token_id_lists: Sequence[Sequence[int]]) -> list[list[float]]:
@@ -567,3 +581,17 @@ class RolloutPool(EngineLifecycle):
     def _say(self, msg: str) -> None:
         if self.config.verbose:
             print(f"[rollout_pool +{time.monotonic() - self._t0:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+def _timed(items: Iterable[Any], phases: dict[str, float], key: str) -> Iterator[Any]:
+    """Yield from ``items``, adding the time spent waiting for each item to ``phases[key]``."""
+    iterator = iter(items)
+    while True:
+        tic = time.perf_counter()
+        try:
+            item = next(iterator)
+        except StopIteration:
+            phases[key] += time.perf_counter() - tic
+            return
+        phases[key] += time.perf_counter() - tic
+        yield item

@@ -358,6 +358,20 @@ class VLLMEngine:
         data = ray.get(ref_box[0])  # zero-copy view of the object store on this node
         return int(self._handoff("sage_load_bucket", data, payload_mode))
 
+    def load_bucket_file(self, payload: dict) -> int:
+        """Load one bucket from a slot file of the sender (``ShmSlots``) on this node into every worker."""
+        if self._remote_workers:  # TP workers may sit on other nodes: they get the bytes
+            with open(payload["shm_path"], "rb") as f:
+                return int(self._handoff("sage_load_bucket", f.read(), "rpc_bytes"))
+        with self._engine_lock:
+            return int(self.llm.collective_rpc("sage_load_bucket", args=(payload,))[0])
+
+    def sees_file(self, path: str, identity: list[int]) -> bool:
+        """Is ``path`` here the very file the sender made (same ``[st_dev, st_ino]``)? False on another node."""
+        from sage_megatron.rollout.weight_transport import file_identity
+
+        return file_identity(path) == list(identity)
+
     def probe_bucket(self, ref_box: list, *, payload_mode: str = "shm") -> dict[str, float]:
         """The path of :meth:`load_bucket` without loading, timed (transport measurements)."""
         import ray

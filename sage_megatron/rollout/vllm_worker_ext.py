@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from sage_megatron.rollout.weight_transport import read_payload
+from sage_megatron.rollout.weight_transport import read_payload, release_stale_slot_mappings
 
 
 class SageWorkerExtension:
@@ -101,6 +101,7 @@ class SageWorkerExtension:
             fn = getattr(self.model_runner, reset, None)
             if callable(fn):
                 fn()
+        release_stale_slot_mappings()   # slot files the sender removed; nothing views them after finalize
         self._sage_update_active = False
         return len(self._sage_loaded)
 

@@ -312,7 +312,7 @@ def sync_weights(
 
     ``pool``: the RolloutPool on global rank 0 (ignored elsewhere). ``version``: the new weight
     version (default ``pool.version + 1``); it must increase. Returns, on every rank, ``{version,
-    bytes, tensors, buckets, seconds, pool_seconds, transport}`` as measured on rank 0 (seconds:
+    bytes, tensors, buckets, seconds, pool_seconds, pool_phases, transport}`` as measured on rank 0 (seconds:
     gather + send + load, wall clock on rank 0). Raises :class:`WeightSyncError` on every rank if the
     update failed.
     """
@@ -335,7 +335,8 @@ def sync_weights(
                 tracked.drain()
             outcome = {"ok": True, "version": new_version, "bytes": tracked.bytes, "tensors": tracked.tensors,
                        "buckets": stats.get("buckets"), "seconds": time.perf_counter() - t0,
-                       "pool_seconds": stats.get("seconds"), "transport": stats.get("transport")}
+                       "pool_seconds": stats.get("seconds"), "pool_phases": stats.get("phases"),
+                       "transport": stats.get("transport")}
         except Exception as exc:
             tracked.drain()
             outcome = {"ok": False, "error": f"weight sync to version {new_version} failed on rank 0: "

@@ -7,24 +7,28 @@ transport. Every engine loads every bucket in place, inside a session
 
 Transports (:func:`select_transport` picks one from :class:`TransportConfig`):
 
-``cpu`` (``CpuObjectStoreTransport``) -- CPU engines, any node.
-    Sender: :func:`encode_bucket` writes the bucket into one uint8 array (header + raw bytes, one
-    copy), ``ray.put`` moves it into the object store (second copy), the local array is dropped:
-    the sender's extra peak is about one bucket. Each engine actor gets the array zero-copy from
-    the store, writes it to a file in /dev/shm, and passes the path to its vLLM worker(s) with
-    ``collective_rpc``; the worker maps the file, views the tensors without a copy
-    (:func:`decode_bucket`) and copies them into the parameters.
+``cpu`` (``CpuObjectStoreTransport``) -- CPU engines, any node. ``TransportConfig.cpu_payload``:
+    ``slots`` (default): the sender encodes each bucket (:func:`encode_bucket`'s format: header + raw
+    bytes, one copy) straight into a persistent /dev/shm file, one per bucket index (:class:`ShmSlots`),
+    and passes the path; each engine actor on its node (checked once per actor: the same
+    ``[st_dev, st_ino]``, :meth:`VLLMEngine.sees_file`) hands it to its vLLM worker(s) with
+    ``collective_rpc``; the worker keeps a mapping of each file (:func:`slot_mapping`), views the tensors
+    without a copy (:func:`decode_bucket`) and copies them into the parameters. The files persist across
+    syncs, so no page is faulted in again: copies are the encode and the load, the floor. Engines that do
+    not see the file (other nodes) get the bucket through the object store (``ray.put``, once per bucket).
+    ``shm``: the older path: encode into a private array, ``ray.put`` (second copy), the engine actor
+    writes a one-off /dev/shm file (third copy, fresh pages) for its workers. ``rpc_bytes``: the bytes as
+    a ``collective_rpc`` argument (no shared file system needed; msgpack and vLLM's queues copy them).
     Measured on the 2-core dev box (64 MiB fp32 bucket, medians, machine shared and loaded):
     encode 0.01-0.05 s and decode ~0 s (views) for this format, vs safetensors.torch.save 0.10 s +
     load 0.04 s and torch.save 0.10 s; safetensors also refuses tensors that share storage (tied
     embeddings). Hand-off from the engine actor to its vLLM worker (``bench/rollout.py
     --transport-mib 64``, 2 engines at once): /dev/shm file 0.17 s vs the bytes as a
-    ``collective_rpc`` argument 1.08 s (msgpack and the engine's message queues copy them several
-    times); ``ray.put`` of the bucket 0.09 s.
-    The ObjectRefs of the last version are kept (``keep_last_weights``) so that a restarted
-    engine can be brought to the current weights: that is one model copy in the Ray object store
-    (it spills to disk under memory pressure); turn it off and pass ``restore_weights=`` to the
-    pool to re-stream from the trainer instead.
+    ``collective_rpc`` argument 1.08 s; ``ray.put`` of the bucket 0.09 s.
+    The last version's buckets are kept (``keep_last_weights``: the slot files, plus object-store refs
+    where some engine needed them) so that a restarted engine can be brought to the current weights;
+    the slot files hold one model copy in /dev/shm for the pool's lifetime. With ``keep_last_weights``
+    off, pass ``restore_weights=`` to the pool to re-stream from the trainer instead.
 
 ``ipc`` (``CudaIpcTransport``) -- GPU engines on the same GPUs as the trainer (colocated).
     vLLM's native weight-transfer engine (``weight_transfer_config={"backend": "ipc"}``):
@@ -112,29 +116,40 @@ def iter_buckets(
 # ------------------------------------------------------------------------------------------------
 # the CPU wire format: 8-byte header length, JSON header, raw tensor bytes back to back
 # ------------------------------------------------------------------------------------------------
-def encode_bucket(tensors: Sequence[tuple[str, torch.Tensor]]) -> np.ndarray:
-    """Serialize ``[(name, tensor), ...]`` into one uint8 array (one copy of each tensor).
-
-    Header entries are ``[name, dtype, shape, offset, nbytes]``. Tensors on another device are
-    copied to host one at a time. Shared storage (tied weights) is fine: each name gets its bytes.
-    """
+def _bucket_layout(tensors: Sequence[tuple[str, torch.Tensor]]) -> tuple[bytes, list[list], int]:
+    """(length-prefixed JSON header, its entries ``[name, dtype, shape, offset, nbytes]``, total bytes)."""
     header, offset = [], 0
     for name, t in tensors:
         n = tensor_nbytes(t)
         header.append([name, str(t.dtype).removeprefix("torch."), list(t.shape), offset, n])
         offset += n
     head = json.dumps(header).encode()
-    base = 8 + len(head)
-    buf = np.empty(base + offset, dtype=np.uint8)  # no zero-fill: every byte is written below
-    buf[:8] = np.frombuffer(struct.pack("<Q", len(head)), dtype=np.uint8)
-    buf[8:base] = np.frombuffer(head, dtype=np.uint8)
-    out = torch.from_numpy(buf)
+    prefix = struct.pack("<Q", len(head)) + head
+    return prefix, header, len(prefix) + offset
+
+
+def _write_bucket(out: torch.Tensor, prefix: bytes, header: list[list],
+                  tensors: Sequence[tuple[str, torch.Tensor]]) -> None:
+    """Write an encoded bucket into the uint8 tensor ``out`` (at least the layout's total bytes)."""
+    base = len(prefix)
+    out[:base].copy_(torch.frombuffer(bytearray(prefix), dtype=torch.uint8))
     for (_, t), (_, _, _, off, n) in zip(tensors, header):
         if n:
             src = t.detach()
             if src.device.type != "cpu":
                 src = src.to("cpu")
             out[base + off: base + off + n].copy_(src.contiguous().reshape(-1).view(torch.uint8))
+
+
+def encode_bucket(tensors: Sequence[tuple[str, torch.Tensor]]) -> np.ndarray:
+    """Serialize ``[(name, tensor), ...]`` into one uint8 array (one copy of each tensor).
+
+    Header entries are ``[name, dtype, shape, offset, nbytes]``. Tensors on another device are
+    copied to host one at a time. Shared storage (tied weights) is fine: each name gets its bytes.
+    """
+    prefix, header, total = _bucket_layout(tensors)
+    buf = np.empty(total, dtype=np.uint8)  # no zero-fill: every byte is written
+    _write_bucket(torch.from_numpy(buf), prefix, header, tensors)
     return buf
 
 
@@ -172,8 +187,15 @@ def bucket_names(payload: Any) -> list[str]:
 
 
 def read_payload(payload: Any) -> list[tuple[str, torch.Tensor]]:
-    """Worker side: a bucket given as ``{"shm_path": p}`` (mapped, zero-copy) or as raw bytes."""
+    """Worker side: a bucket given as a file payload (mapped, zero-copy) or as raw bytes.
+
+    ``{"shm_path": p}``: a one-off file (mapped for this call; it may be unlinked once loaded).
+    ``{"shm_path": p, "slot": [dev, ino]}``: a persistent slot file of :class:`ShmSlots`; its mapping is
+    kept across calls (:func:`slot_mapping`), so its pages are not faulted in again on every sync.
+    """
     if isinstance(payload, dict) and "shm_path" in payload:
+        if "slot" in payload:
+            return decode_bucket(slot_mapping(payload["shm_path"]))
         with open(payload["shm_path"], "rb") as f:
             size = os.fstat(f.fileno()).st_size
             mapped = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ)
@@ -185,8 +207,155 @@ def read_payload(payload: Any) -> list[tuple[str, torch.Tensor]]:
     raise TypeError(f"unsupported weight bucket payload of type {type(payload).__name__}")
 
 
+_SLOT_MAPPINGS: dict[str, tuple[tuple[int, int, int], mmap.mmap]] = {}
+"""Reader side: path -> ((dev, ino, size), read-only mapping) of the slot files this process has read."""
+
+
+def slot_mapping(path: str) -> mmap.mmap:
+    """A read-only mapping of the slot file ``path``, made once per file (and again if it was grown or replaced)."""
+    with open(path, "rb") as f:
+        st = os.fstat(f.fileno())
+        key = (st.st_dev, st.st_ino, st.st_size)
+        cached = _SLOT_MAPPINGS.get(path)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        mapped = mmap.mmap(f.fileno(), st.st_size, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0),
+                           prot=mmap.PROT_READ)
+    _SLOT_MAPPINGS[path] = (key, mapped)  # a replaced mapping lives on while tensors still view it
+    return mapped
+
+
+def release_stale_slot_mappings() -> int:
+    """Drop the mappings of slot files that are gone (the sender trimmed or closed them); returns how many.
+
+    Call only when no tensor loaded from them is still pending (e.g. at the end of an update session).
+    """
+    gone = [p for p in _SLOT_MAPPINGS if not os.path.exists(p)]
+    for p in gone:
+        del _SLOT_MAPPINGS[p]
+    return len(gone)
+
+
+def file_identity(path: str) -> list[int] | None:
+    """``[st_dev, st_ino]`` of ``path`` as this process sees it; None if it cannot see it."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return [st.st_dev, st.st_ino]
+
+
+class ShmSlots:
+    """Persistent /dev/shm files, one per bucket index, that the sender encodes buckets straight into.
+
+    Why: a fresh file per bucket costs page faults on every sync, in the writer and in the reader, on top of
+    the copies through the object store. Files that persist across syncs are faulted once; the reader keeps
+    its mapping (:func:`slot_mapping`). Bucket i of every sync goes to file i, so the buckets of one sync never
+    share a file: the tensors vLLM's layerwise reload keeps as views until their layer is complete stay valid
+    until the session's finish, and the files of the last sync are a copy of the last version (replayed into a
+    restarted engine). Cost: one model copy in /dev/shm for the pool's lifetime (the object-store path kept
+    one too). Files are named after this process's pid; those of dead processes are removed at start.
+    """
+
+    PREFIX = "sage_wslot_"
+
+    def __init__(self, directory: str | None = None):
+        import secrets
+        import weakref
+
+        self.directory = directory or ("/dev/shm" if os.path.isdir("/dev/shm") else None)
+        if self.directory is None:
+            import tempfile
+
+            self.directory = tempfile.gettempdir()
+        remove_dead_slot_files(self.directory)
+        self.stem = os.path.join(self.directory, f"{self.PREFIX}{os.getpid()}_{secrets.token_hex(4)}_")
+        self._maps: list[mmap.mmap] = []
+        self._paths: list[str] = []
+        self._finalizer = weakref.finalize(self, _unlink_all, self._paths)
+
+    def __len__(self) -> int:
+        return len(self._paths)
+
+    def write(self, index: int, tensors: Sequence[tuple[str, torch.Tensor]]) -> dict[str, Any]:
+        """Encode ``tensors`` into file ``index`` (made or grown as needed); returns the reader's payload."""
+        if index > len(self._paths):
+            raise ValueError(f"slot {index} written before slot {len(self._paths)}")
+        prefix, header, total = _bucket_layout(tensors)
+        if index == len(self._paths):
+            self._paths.append(f"{self.stem}{index}")
+            self._maps.append(self._map(self._paths[index], total))
+        elif len(self._maps[index]) < total:
+            self._maps[index].close()
+            self._maps[index] = self._map(self._paths[index], total)
+        out = torch.frombuffer(self._maps[index], dtype=torch.uint8, count=total)
+        _write_bucket(out, prefix, header, tensors)
+        return self.payload(index)
+
+    def payload(self, index: int) -> dict[str, Any]:
+        path = self._paths[index]
+        return {"shm_path": path, "slot": file_identity(path)}
+
+    def read(self, index: int) -> np.ndarray:
+        """A private copy of file ``index``'s bucket (for readers on other nodes)."""
+        base, header = bucket_header(self._maps[index])
+        end = base + sum(entry[4] for entry in header)
+        return np.frombuffer(self._maps[index], dtype=np.uint8, count=end).copy()
+
+    def trim(self, count: int) -> None:
+        """Remove the files from index ``count`` on (a sync that needed fewer buckets)."""
+        while len(self._paths) > count:
+            self._maps.pop().close()
+            _unlink_all([self._paths.pop()])
+
+    def close(self) -> None:
+        self.trim(0)
+        self._finalizer.detach()
+
+    @staticmethod
+    def _map(path: str, size: int) -> mmap.mmap:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            os.ftruncate(fd, size)
+            return mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)
+
+
+def _unlink_all(paths: list[str]) -> None:
+    for p in paths:
+        try:
+            os.unlink(p)
+        except FileNotFoundError:
+            pass
+
+
+def remove_dead_slot_files(directory: str) -> int:
+    """Remove slot files whose writer process is gone (killed before it could clean up); returns how many."""
+    removed = 0
+    for name in os.listdir(directory):
+        if not name.startswith(ShmSlots.PREFIX):
+            continue
+        pid = name[len(ShmSlots.PREFIX):].split("_", 1)[0]
+        if not pid.isdigit() or _pid_alive(int(pid)):
+            continue
+        _unlink_all([os.path.join(directory, name)])
+        removed += 1
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class ShmBucketFile:
-    """A bucket written to /dev/shm for the worker processes of ONE engine (same node).
+    """A bucket written to /dev/shm for the worker processes of ONE engine (same node), used once.
 
     Context manager: the file is unlinked on exit (mappings already made stay valid).
     """
@@ -225,9 +394,11 @@ class TransportConfig:
     """NCCL rendezvous host (the trainer's address reachable from the engines); None = this host's IP."""
     nccl_master_port: int = 0
     """NCCL rendezvous port; 0 = pick a free one."""
-    cpu_payload: Literal["shm", "rpc_bytes"] = "shm"
-    """CPU: how an engine actor hands a bucket to its vLLM workers: a /dev/shm file (fastest) or
-    the bytes themselves as a ``collective_rpc`` argument (no shared file system needed)."""
+    cpu_payload: Literal["slots", "shm", "rpc_bytes"] = "slots"
+    """CPU: how a bucket reaches an engine's vLLM workers. "slots": the sender encodes it into a persistent
+    /dev/shm file that engines on its node map directly (:class:`ShmSlots`; engines elsewhere get it through
+    the object store). "shm": through the object store, then a one-off /dev/shm file written by the engine
+    actor. "rpc_bytes": through the object store, then the bytes as a ``collective_rpc`` argument."""
 
 
 def select_transport(config: TransportConfig, *, device: Literal["cpu", "cuda"]) -> str:
@@ -285,39 +456,95 @@ def bucket_update_info(bucket: Sequence[tuple[str, torch.Tensor]]) -> dict[str, 
 # ------------------------------------------------------------------------------------------------
 # transports (sender side, in the pool's process). `engines` are Ray actor handles of VLLMEngine.
 # ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class KeptBucket:
+    """One bucket of the last version as the CPU transport keeps it: a slot file, and an object-store copy
+    when some engine could not read the file (None otherwise)."""
+
+    payload: dict[str, Any]
+    ref: Any = None
+
+
 class CpuObjectStoreTransport:
-    """Buckets as encoded arrays in the Ray object store (see module docstring)."""
+    """CPU engines: buckets through persistent /dev/shm slot files or the Ray object store (module docstring)."""
 
     name = "cpu"
     keeps_refs = True
 
     def __init__(self, config: TransportConfig):
+        if config.cpu_payload not in ("slots", "shm", "rpc_bytes"):
+            raise ValueError(f"unknown cpu_payload {config.cpu_payload!r}; use 'slots', 'shm' or 'rpc_bytes'")
         self.config = config
+        self._slots: ShmSlots | None = None
+        self._next_slot = 0
+        self._reads_slots: dict[int, bool] = {}   # id(actor handle) -> it can map this node's slot files
 
     def setup(self, engines: Sequence[Any]) -> None:  # nothing to rendezvous
         return None
 
     def begin(self, engines: Sequence[Any]) -> list[Any]:
+        self._next_slot = 0
         return [e.begin_update.remote() for e in engines]
 
     def send_bucket(self, engines: Sequence[Any], bucket: Sequence[tuple[str, torch.Tensor]]):
-        """Returns (object ref of the encoded bucket, [per-engine futures])."""
+        """Returns (what to keep of the bucket for a replay, [per-engine futures])."""
         import ray
 
-        ref = ray.put(encode_bucket(bucket))  # the local array dies here: peak ~ one bucket
-        # Wrapped in a list so that Ray hands the actor the ref, not the value: the actor fetches
-        # it (zero-copy on its node) only when it is ready to load.
-        futures = [e.load_bucket.remote([ref], payload_mode=self.config.cpu_payload) for e in engines]
-        return ref, futures
+        if self.config.cpu_payload != "slots":
+            ref = ray.put(encode_bucket(bucket))  # the local array dies here: peak ~ one bucket
+            # Wrapped in a list so that Ray hands the actor the ref, not the value: the actor fetches
+            # it (zero-copy on its node) only when it is ready to load.
+            return ref, [e.load_bucket.remote([ref], payload_mode=self.config.cpu_payload) for e in engines]
+        if self._slots is None:
+            self._slots = ShmSlots()
+        index, self._next_slot = self._next_slot, self._next_slot + 1
+        kept = KeptBucket(payload=self._slots.write(index, bucket))
+        readers = self._readers(engines, kept.payload)
+        if not all(readers):
+            kept = KeptBucket(payload=kept.payload, ref=ray.put(self._slots.read(index)))
+        return kept, [self._load(e, kept, reads) for e, reads in zip(engines, readers)]
 
-    def replay(self, engine: Any, refs: Sequence[Any]) -> list[Any]:
-        return [engine.load_bucket.remote([ref], payload_mode=self.config.cpu_payload) for ref in refs]
+    def replay(self, engine: Any, kept: Sequence[Any]) -> list[Any]:
+        """Load the kept buckets of the last version into ``engine`` (a restarted one)."""
+        import ray
+
+        futures = []
+        for item in kept:
+            if not isinstance(item, KeptBucket):   # an object-store ref of the "shm"/"rpc_bytes" modes
+                futures.append(engine.load_bucket.remote([item], payload_mode=self.config.cpu_payload))
+                continue
+            (reads,) = self._readers([engine], item.payload)
+            if not reads and item.ref is None:
+                with open(item.payload["shm_path"], "rb") as f:
+                    item = KeptBucket(item.payload, ray.put(np.frombuffer(f.read(), dtype=np.uint8)))
+            futures.append(self._load(engine, item, reads))
+        return futures
 
     def finish(self, engines: Sequence[Any], *, version: int) -> list[Any]:
+        if self._slots is not None:
+            self._slots.trim(self._next_slot)
         return [e.finish_update.remote(version=version) for e in engines]
 
     def teardown(self, engines: Sequence[Any]) -> None:
-        return None
+        if self._slots is not None:
+            self._slots.close()
+            self._slots = None
+
+    def _readers(self, engines: Sequence[Any], payload: dict[str, Any]) -> list[bool]:
+        """Per engine: does its actor see this very slot file (same node, same /dev/shm)? Asked once per actor."""
+        import ray
+
+        unknown = [e for e in engines if id(e) not in self._reads_slots]
+        if unknown:
+            answers = ray.get([e.sees_file.remote(payload["shm_path"], payload["slot"]) for e in unknown])
+            self._reads_slots.update({id(e): bool(a) for e, a in zip(unknown, answers)})
+        return [self._reads_slots[id(e)] for e in engines]
+
+    @staticmethod
+    def _load(engine: Any, kept: KeptBucket, reads_file: bool) -> Any:
+        if reads_file:
+            return engine.load_bucket_file.remote(kept.payload)
+        return engine.load_bucket.remote([kept.ref], payload_mode="shm")
 
 
 class NcclBroadcastTransport:

@@ -305,6 +305,36 @@ def test_update_weights_from_second_model(pool, models):
     assert pool.prompt_logprobs(seqs[:1])[0] == pytest.approx(got[0], abs=1e-5)
 
 
+@pytest.mark.vllm
+def test_engines_that_cannot_map_the_slot_files_get_buckets_through_the_object_store(pool, models):
+    """On one node every engine maps the sender's slot files; an engine on another node cannot and gets each
+    bucket from the object store. Here engine 1 is told it cannot (the one decision injected): afterwards each
+    engine, asked on its own, holds model a exactly as HF computes it, and the kept buckets carry the copy."""
+    import ray
+
+    transport = pool.transport
+    pool.update_weights(iter(_weights(models["b"]).items()), version=pool.version + 1)
+    kept = pool._kept_refs[0]
+    assert [transport._reads_slots[id(s.actor)] for s in pool.slots] == [True, True]
+    assert all(k.ref is None for k in pool._kept_refs)   # nobody needed the object store
+    assert ray.get(pool.slots[0].actor.sees_file.remote(kept.payload["shm_path"], kept.payload["slot"]))
+    assert not ray.get(pool.slots[0].actor.sees_file.remote(kept.payload["shm_path"], [0, 0]))
+
+    transport._reads_slots[id(pool.slots[1].actor)] = False
+    try:
+        pool.update_weights(iter(_weights(models["a"]).items()), version=pool.version + 1, bucket_bytes=20_000)
+        assert all(k.ref is not None for k in pool._kept_refs)
+        seqs = [list(p) + [30, 31, 32, 33] for p in PROMPTS]
+        hf_a = _hf_model(models["a"])
+        for slot in pool.slots:
+            got = ray.get(slot.actor.prompt_logprobs.remote(seqs))
+            for ids, lp in zip(seqs, got):
+                assert max(abs(a - b) for a, b in zip(lp, _hf_logprobs(hf_a, ids))) < 1e-3, slot.index
+    finally:
+        del transport._reads_slots[id(pool.slots[1].actor)]
+        pool.update_weights(iter(_weights(models["b"]).items()), version=pool.version + 1)
+
+
 # ------------------------------------------------------------------ (c) fault tolerance
 @pytest.mark.vllm
 def test_engine_killed_and_hung_mid_generate(pool, models):

@@ -90,6 +90,72 @@ def test_shm_file_roundtrip_and_cleanup():
         wt.read_payload(12)
 
 
+def test_slot_files_persist_per_index_and_readers_keep_their_mapping(tmp_path):
+    slots = wt.ShmSlots(directory=str(tmp_path))
+    first = [("a", torch.randn(64)), ("b", torch.randn(3, 5).to(torch.bfloat16))]
+    p0 = slots.write(0, first)
+    got0 = wt.read_payload(p0)
+    for (n, ref), (m, t) in zip(first, got0):
+        assert n == m and torch.equal(ref, t)
+    mapping = wt.slot_mapping(p0["shm_path"])
+
+    # bucket 1 of the same sync goes to its own file: bucket 0's views (a layer still incomplete in the
+    # engine) keep their values
+    p1 = slots.write(1, [("c", torch.ones(10))])
+    assert p1["shm_path"] != p0["shm_path"] and len(slots) == 2
+    assert torch.equal(wt.read_payload(p1)[0][1], torch.ones(10))
+    assert torch.equal(got0[0][1], first[0][1])
+
+    # the next sync rewrites file 0 in place: the reader's kept mapping sees the new bytes, no new mapping
+    second = [("a", torch.randn(64)), ("b", torch.randn(3, 5).to(torch.bfloat16))]
+    inode = os.stat(p0["shm_path"]).st_ino
+    assert slots.write(0, second) == p0 and os.stat(p0["shm_path"]).st_ino == inode
+    got = wt.read_payload(p0)
+    assert wt.slot_mapping(p0["shm_path"]) is mapping
+    assert all(torch.equal(ref, t) for (_, ref), (_, t) in zip(second, got))
+
+    # a bigger bucket grows the file; the reader maps it again
+    big = [("a", torch.randn(1000))]
+    slots.write(0, big)
+    assert torch.equal(wt.read_payload(p0)[0][1], big[0][1])
+    assert wt.slot_mapping(p0["shm_path"]) is not mapping
+    assert torch.equal(torch.from_numpy(slots.read(0)[-4000:].copy()).view(torch.float32), big[0][1])
+
+    # a sync with fewer buckets removes the files beyond it; readers drop those mappings
+    slots.trim(1)
+    assert not os.path.exists(p1["shm_path"]) and os.path.exists(p0["shm_path"])
+    assert wt.release_stale_slot_mappings() == 1 and p0["shm_path"] in wt._SLOT_MAPPINGS
+    with pytest.raises(ValueError, match="slot 3 written before slot 1"):
+        slots.write(3, big)
+    slots.close()
+    assert os.listdir(tmp_path) == []
+    assert wt.release_stale_slot_mappings() == 1
+
+
+def test_slot_files_of_dead_writers_are_removed_and_a_lost_sender_cleans_up(tmp_path):
+    import subprocess
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    stale = tmp_path / f"{wt.ShmSlots.PREFIX}{dead}_abcd1234_0"
+    stale.write_bytes(b"x" * 10)
+    mine = wt.ShmSlots(directory=str(tmp_path))   # sweeps files of writers that are gone
+    assert not stale.exists()
+    path = mine.write(0, [("a", torch.zeros(4))])["shm_path"]
+    other = wt.ShmSlots(directory=str(tmp_path))  # a live writer's files are left alone
+    assert os.path.exists(path)
+    del mine                                      # dropped without close(): unlinked all the same
+    assert not os.path.exists(path) and os.listdir(tmp_path) == []
+    other.close()
+    assert wt.file_identity(path) is None
+    assert wt.file_identity(str(tmp_path)) == [os.stat(tmp_path).st_dev, os.stat(tmp_path).st_ino]
+
+
+def test_cpu_transport_refuses_an_unknown_payload_mode():
+    with pytest.raises(ValueError, match="unknown cpu_payload 'pipes'"):
+        wt.CpuObjectStoreTransport(wt.TransportConfig(cpu_payload="pipes"))
+
+
 @pytest.mark.parametrize(
     ("kind", "device", "colocated", "expected"),
     [
