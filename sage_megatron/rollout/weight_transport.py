@@ -254,7 +254,8 @@ class ShmSlots:
     share a file: the tensors vLLM's layerwise reload keeps as views until their layer is complete stay valid
     until the session's finish, and the files of the last sync are a copy of the last version (replayed into a
     restarted engine). Cost: one model copy in /dev/shm for the pool's lifetime (the object-store path kept
-    one too). Files are named after this process's pid; those of dead processes are removed at start.
+    one too). Files are named after this host and process; this host's files of dead processes are removed
+    at start.
     """
 
     PREFIX = "sage_wslot_"
@@ -269,7 +270,7 @@ class ShmSlots:
 
             self.directory = tempfile.gettempdir()
         remove_dead_slot_files(self.directory)
-        self.stem = os.path.join(self.directory, f"{self.PREFIX}{os.getpid()}_{secrets.token_hex(4)}_")
+        self.stem = os.path.join(self.directory, f"{_slot_owner()}{os.getpid()}_{secrets.token_hex(4)}_")
         self._maps: list[mmap.mmap] = []
         self._paths: list[str] = []
         self._finalizer = weakref.finalize(self, _unlink_all, self._paths)
@@ -330,13 +331,22 @@ def _unlink_all(paths: list[str]) -> None:
             pass
 
 
+def _slot_owner() -> str:
+    """File-name prefix of this host's slot files: a process table is only consulted for its own host's files
+    (containers that share /dev/shm but not their pids have host names of their own)."""
+    import socket
+
+    host = "".join(c if c.isalnum() or c in "-." else "-" for c in socket.gethostname())
+    return f"{ShmSlots.PREFIX}{host}_"
+
+
 def remove_dead_slot_files(directory: str) -> int:
-    """Remove slot files whose writer process is gone (killed before it could clean up); returns how many."""
-    removed = 0
+    """Remove this host's slot files whose writer process is gone (killed before cleaning up); returns how many."""
+    removed, owner = 0, _slot_owner()
     for name in os.listdir(directory):
-        if not name.startswith(ShmSlots.PREFIX):
+        if not name.startswith(owner):
             continue
-        pid = name[len(ShmSlots.PREFIX):].split("_", 1)[0]
+        pid = name[len(owner):].split("_", 1)[0]
         if not pid.isdigit() or _pid_alive(int(pid)):
             continue
         _unlink_all([os.path.join(directory, name)])

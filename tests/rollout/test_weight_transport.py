@@ -137,10 +137,13 @@ def test_slot_files_of_dead_writers_are_removed_and_a_lost_sender_cleans_up(tmp_
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True, check=True).stdout.strip()
-    stale = tmp_path / f"{wt.ShmSlots.PREFIX}{dead}_abcd1234_0"
+    stale = tmp_path / f"{wt._slot_owner()}{dead}_abcd1234_0"
     stale.write_bytes(b"x" * 10)
-    mine = wt.ShmSlots(directory=str(tmp_path))   # sweeps files of writers that are gone
-    assert not stale.exists()
+    elsewhere = tmp_path / f"{wt.ShmSlots.PREFIX}otherhost_{dead}_abcd1234_0"   # another host's process table
+    elsewhere.write_bytes(b"x" * 10)
+    mine = wt.ShmSlots(directory=str(tmp_path))   # sweeps this host's files of writers that are gone
+    assert not stale.exists() and elsewhere.exists()
+    elsewhere.unlink()
     path = mine.write(0, [("a", torch.zeros(4))])["shm_path"]
     other = wt.ShmSlots(directory=str(tmp_path))  # a live writer's files are left alone
     assert os.path.exists(path)
