@@ -396,13 +396,14 @@ class RolloutPool(EngineLifecycle):
         """Load HF-named tensors into every engine in place; the engines' version becomes ``version``.
 
         Names not in the stream keep their current values (a partial update is fine). Returns
-        ``{version, buckets, tensors, bytes, seconds, transport, phases}``; ``phases`` splits the wall time:
-        ``stream_s`` waiting for ``named_tensors`` (the trainer's gather and name mapping), ``send_s`` the
-        transport's hand-off (encode into the slot files or the object store), ``load_s`` waiting for the engines to load the buckets,
-        ``begin_s``/``finish_s`` opening and closing their update sessions (finish re-packs pending layers). An engine that dies during the
-        update is restarted and brought to the new version afterwards. If the stream itself fails
-        (the trainer's generator raises, a name is unknown to the model), the engines hold a mix of
-        old and new weights: the pool refuses to generate until an update succeeds.
+        ``{version, buckets, tensors, bytes, seconds, transport, phases}``; ``phases`` splits the wall
+        time: ``stream_s`` waiting for ``named_tensors`` (the trainer's gather and name mapping),
+        ``send_s`` the transport's hand-off (encode into the slot files or the object store), ``load_s``
+        waiting for the engines to load the buckets, ``begin_s``/``finish_s`` opening and closing their
+        update sessions (finish re-packs pending layers). An engine that dies during the update is
+        restarted and brought to the new version afterwards. If the stream itself fails (the trainer's
+        generator raises, a name is unknown to the model), the engines hold a mix of old and new
+        weights: the pool refuses to generate until an update succeeds.
         """
         import ray
 

@@ -53,6 +53,7 @@ import json
 import mmap
 import os
 import struct
+import tempfile
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -207,6 +208,11 @@ def read_payload(payload: Any) -> list[tuple[str, torch.Tensor]]:
     raise TypeError(f"unsupported weight bucket payload of type {type(payload).__name__}")
 
 
+def shm_directory() -> str:
+    """Where bucket files go: /dev/shm (memory) where it exists, else the temp directory."""
+    return "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+
+
 _SLOT_MAPPINGS: dict[str, tuple[tuple[int, int, int], mmap.mmap]] = {}
 """Reader side: path -> ((dev, ino, size), read-only mapping) of the slot files this process has read."""
 
@@ -264,11 +270,7 @@ class ShmSlots:
         import secrets
         import weakref
 
-        self.directory = directory or ("/dev/shm" if os.path.isdir("/dev/shm") else None)
-        if self.directory is None:
-            import tempfile
-
-            self.directory = tempfile.gettempdir()
+        self.directory = directory or shm_directory()
         remove_dead_slot_files(self.directory)
         self.stem = os.path.join(self.directory, f"{_slot_owner()}{os.getpid()}_{secrets.token_hex(4)}_")
         self._maps: list[mmap.mmap] = []
@@ -371,10 +373,7 @@ class ShmBucketFile:
     """
 
     def __init__(self, data: np.ndarray, *, tag: str):
-        directory = "/dev/shm" if os.path.isdir("/dev/shm") else None
-        import tempfile
-
-        fd, self.path = tempfile.mkstemp(prefix=f"sage_wbucket_{tag}_", dir=directory)
+        fd, self.path = tempfile.mkstemp(prefix=f"sage_wbucket_{tag}_", dir=shm_directory())
         with os.fdopen(fd, "wb") as f:
             f.write(memoryview(data).cast("B"))
 
