@@ -27,7 +27,8 @@ from torch.distributed.checkpoint.planner_helpers import create_read_items_for_c
 
 from sage_megatron.fsutil import atomic_output_dir
 from sage_megatron.parallel import weight_maps as wm
-from sage_megatron.parallel.hf_io import CheckpointError, HFReader, copy_side_files, write_hf_safetensors
+from sage_megatron.parallel.hf_io import (CheckpointError, HFReader, PlannedTensor, copy_side_files,
+                                          write_hf_safetensors)
 from sage_megatron.parallel.launch import run_distributed
 from sage_megatron.parallel.layout import ParallelLayout, padded_vocab_size, validate_layout
 from sage_megatron.parallel.model import ModelArch, arch_from_hf_config, arch_from_json, read_hf_config
@@ -172,7 +173,7 @@ def hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, *, tp: int = 1, pp: 
 
 # ---- Megatron -> HF ---------------------------------------------------------------------------------
 #
-# Streaming export: peak memory is one group of layers plus one output shard, not the model (a 70B
+# Streaming export: peak memory is one group of layers, not the model nor an output shard (a 70B
 # model exported through a whole (tp=1, pp=1) model needed ~140 GB of RAM).
 #
 # Why read the files rather than build the model one pipeline stage at a time: megatron-core's
@@ -183,9 +184,10 @@ def hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, *, tp: int = 1, pp: 
 # global tensor into a plain tensor, resharding from whatever chunks were written, without a process
 # group. So the export reads layer by layer, in groups of at most ``max_stage_bytes``, exactly the
 # global tensors the weight maps turn into HF tensors (``export_hf_tensors``, the same maps as import
-# and weight sync), and the shard writer takes them as they come. Building a stage instead would need
-# megatron's parallel state and a model per stage, a TP all-gather, and its granularity would be the
-# PP stage the checkpoint is loaded at (a pp=1 export would still hold the whole model).
+# and weight sync), and the shard writer puts each at its planned offset as it comes. Building a
+# stage instead would need megatron's parallel state and a model per stage, a TP all-gather, and its
+# granularity would be the PP stage the checkpoint is loaded at (a pp=1 export would still hold the
+# whole model).
 
 
 class ChunkLoadPlanner(LoadPlanner):
@@ -254,21 +256,32 @@ def check_torch_dist(dist_dir: Path) -> None:
                               "exported (save the checkpoint with it)")
 
 
-def iter_dist_global_tensors(dist_dir: str | Path, mappings: list[wm.ParamMapping], *, dtype: torch.dtype,
-                             max_stage_bytes: int) -> Iterator[tuple[str, torch.Tensor]]:
-    """(mapping key, global tensor) for ``mappings``, in their order, read from a dist checkpoint written
-    at any TP/PP; no model, no process group.
+@dataclass(frozen=True)
+class DistRead:
+    """One parameter's global tensor as a box of a dist checkpoint key (a layer of a stacked key, or all of it)."""
 
-    Consecutive mappings are read together in groups of at most ``max_stage_bytes`` (one larger than
-    that is a group of its own): one DCP read per group. Yielded tensors are fresh ``dtype`` tensors that
-    nothing here keeps, so memory held is one group plus whatever the consumer keeps.
-    """
+    megatron_name: str
+    key: str
+    offsets: tuple[int, ...]
+    box: tuple[int, ...]
+    stacked: bool                   # box is (1, ...) along the layer axis: the parameter is box[0]
+
+    def meta_tensor(self, dtype: torch.dtype) -> torch.Tensor:
+        """The parameter's shape and dtype without data (to plan the output before reading)."""
+        t = torch.empty(self.box, dtype=dtype, device="meta")
+        return t[0] if self.stacked else t
+
+
+def plan_dist_reads(dist_dir: str | Path, mappings: list[wm.ParamMapping], *, dtype: torch.dtype,
+                    max_stage_bytes: int) -> list[list[DistRead]]:
+    """What to read for ``mappings``, in their order, from a dist checkpoint written at any TP/PP, from
+    its metadata only: consecutive parameters grouped by at most ``max_stage_bytes`` (one larger than
+    that is a group of its own), one DCP read per group."""
     dist_dir = Path(dist_dir)
     check_torch_dist(dist_dir)
-    reader = FileSystemReader(str(dist_dir))
-    saved = reader.read_metadata().state_dict_metadata
+    saved = FileSystemReader(str(dist_dir)).read_metadata().state_dict_metadata
     itemsize = torch.empty((), dtype=dtype).element_size()
-    groups: list[list[tuple[str, str, tuple[int, ...], tuple[int, ...], bool]]] = [[]]
+    groups: list[list[DistRead]] = [[]]
     group_bytes = 0
     for m in mappings:
         key, layer = wm.dist_checkpoint_key(m.megatron_name)
@@ -287,18 +300,29 @@ def iter_dist_global_tensors(dist_dir: str | Path, mappings: list[wm.ParamMappin
         if groups[-1] and group_bytes + nbytes > max_stage_bytes:
             groups.append([])
             group_bytes = 0
-        groups[-1].append((m.megatron_name, key, offsets, box, layer is not None))
+        groups[-1].append(DistRead(m.megatron_name, key, offsets, box, layer is not None))
         group_bytes += nbytes
+    return [g for g in groups if g]
+
+
+def read_dist_groups(dist_dir: str | Path, groups: list[list[DistRead]], *, dtype: torch.dtype
+                     ) -> Iterator[tuple[str, torch.Tensor]]:
+    """(megatron name, global tensor) for every read of ``groups``, in order; no model, no process group.
+
+    Yielded tensors are fresh ``dtype`` tensors that nothing here keeps, so memory held is one group
+    plus whatever the consumer keeps.
+    """
+    reader = FileSystemReader(str(dist_dir))
     for group in groups:
-        dests = [torch.empty(box, dtype=dtype) for _, _, _, box, _ in group]
-        wants = [(key, offsets, d) for (_, key, offsets, _, _), d in zip(group, dests)]
+        dests = [torch.empty(r.box, dtype=dtype) for r in group]
+        wants = [(r.key, r.offsets, d) for r, d in zip(group, dests)]
         with warnings.catch_warnings():     # "torch.distributed is disabled ...": no process group is meant
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             dcp_load({}, storage_reader=reader, planner=ChunkLoadPlanner(wants, source=str(dist_dir)), no_dist=True)
         del wants
-        for i, (name, _, _, _, stacked) in enumerate(group):
+        for i, r in enumerate(group):
             t, dests[i] = dests[i], None             # hand over the only reference
-            yield name, (t[0] if stacked else t)
+            yield r.megatron_name, (t[0] if r.stacked else t)
             del t
 
 
@@ -306,19 +330,18 @@ def _export_rank(ckpt_dir: str, out_dir: str, max_shard_bytes: int, max_stage_by
     baseline = rss_gib("VmRSS")      # this process after its imports: the export's own memory is above it
     reset_peak_rss()
     meta = read_meta(ckpt_dir)
+    dtype = parse_dtype(meta.dtype)
+    dist_dir = Path(ckpt_dir) / "dist"
     mappings = [m for m in wm.param_mappings(meta.arch) if m.exported]
-    model_bytes = 0
-
-    def counted(tensors):
-        nonlocal model_bytes
-        for name, t in tensors:
-            model_bytes += t.numel() * t.element_size()
-            yield name, t
-
-    global_tensors = iter_dist_global_tensors(Path(ckpt_dir) / "dist", mappings, dtype=parse_dtype(meta.dtype),
-                                              max_stage_bytes=max_stage_bytes)
-    nbytes = write_hf_safetensors(wm.export_hf_tensors(meta.arch, counted(global_tensors)), Path(out_dir),
-                                  max_shard_bytes=max_shard_bytes)
+    groups = plan_dist_reads(dist_dir, mappings, dtype=dtype, max_stage_bytes=max_stage_bytes)
+    reads = [r for g in groups for r in g]
+    # The HF tensors the maps will make, by running them on data-less tensors: every shard's header
+    # and every tensor's offset are then known before anything is read.
+    planned = [PlannedTensor(name, tuple(t.shape), t.dtype) for name, t in
+               wm.export_hf_tensors(meta.arch, ((r.megatron_name, r.meta_tensor(dtype)) for r in reads))]
+    model_bytes = sum(math.prod(r.box) for r in reads) * torch.empty((), dtype=dtype).element_size()
+    nbytes = write_hf_safetensors(wm.export_hf_tensors(meta.arch, read_dist_groups(dist_dir, groups, dtype=dtype)),
+                                  Path(out_dir), planned=planned, max_shard_bytes=max_shard_bytes)
     return {"bytes": nbytes, "model_bytes": model_bytes, "peak_rss_gib": rss_gib(), "baseline_rss_gib": baseline}
 
 
@@ -326,10 +349,9 @@ def megatron_to_hf(ckpt_dir: str | Path, out_dir: str | Path, *, overwrite: bool
                    max_shard_bytes: int = 2 << 30, max_stage_bytes: int = 1 << 30) -> dict:
     """Export a dist checkpoint (written at any layout) to an HF folder loadable by transformers and vLLM.
 
-    Streams group by group (see above): the export's memory is about max(max_stage_bytes, largest
-    tensor) plus the output shard being filled (max_shard_bytes; a tensor sliced from a larger one,
-    like gate from linear_fc1, keeps that one's storage until its shard is written), whatever the model
-    size. Runs in one spawned process, so its memory goes back to the system when done, with one thread:
+    Streams group by group (see above), each tensor written at its planned offset in its output shard
+    as it comes: the export's memory is about max(max_stage_bytes, largest tensor), whatever the model
+    and shard sizes. Runs in one spawned process, so its memory goes back to the system when done, with one thread:
     the work is copies bounded by disk speed, and one thread cannot contend with a trainer sharing the
     CPU (two threads ran 5x slower on a loaded 2-core machine). Returns seconds; bytes written;
     model_bytes (the global tensors read, vocabulary padding included); the export process's

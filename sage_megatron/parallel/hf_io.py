@@ -1,8 +1,20 @@
-"""Reading and writing HF safetensors checkpoints tensor by tensor (never a whole model in memory)."""
+"""Reading and writing HF safetensors checkpoints tensor by tensor (never a whole model in memory).
+
+The writer is streaming: the caller says beforehand which tensors will come (name, shape, dtype, in
+order), so every shard's safetensors header and every tensor's file offset are known before the first
+byte of data; each tensor is then written at its offset as it arrives and dropped. ``safetensors``'
+``save_file`` needs a whole shard's tensors in memory at once (a 2 GiB shard is 2 GiB of RAM on top of
+the export), and the library has no incremental writer, hence the ~40 lines here; the files are byte
+for byte what ``save_file`` writes (tests/convert/test_hf_io.py compares them).
+"""
 from __future__ import annotations
 
 import json
+import math
+import os
 import shutil
+import struct
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -87,35 +99,106 @@ class HFReader:
                                   "the file is corrupt; re-export it") from None
 
 
+# safetensors' dtype codes, in the order of its Dtype enum: save_file lays tensors out by descending
+# dtype (in that order), then by name, and so does safetensors_header.
+_SAFETENSORS_DTYPES = {torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16",
+                       torch.float16: "F16", torch.bfloat16: "BF16", torch.int32: "I32", torch.float32: "F32",
+                       torch.float64: "F64", torch.int64: "I64"}
+_DTYPE_RANK = {code: i for i, code in enumerate(_SAFETENSORS_DTYPES.values())}
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    """A tensor the writer will be given: its HF name, shape and dtype."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
+
+
+def plan_shards(planned: list[PlannedTensor], max_shard_bytes: int) -> list[list[PlannedTensor]]:
+    """Consecutive tensors into shards of at most ``max_shard_bytes`` (a larger tensor is a shard of its own)."""
+    shards: list[list[PlannedTensor]] = []
+    shard_bytes = 0
+    for p in planned:
+        if not shards or (shards[-1] and shard_bytes + p.nbytes > max_shard_bytes):
+            shards.append([])
+            shard_bytes = 0
+        shards[-1].append(p)
+        shard_bytes += p.nbytes
+    return shards
+
+
+def safetensors_header(shard: list[PlannedTensor], metadata: dict[str, str]) -> tuple[bytes, dict[str, int]]:
+    """The file's first bytes (u64 little-endian length + JSON, space-padded to 8 bytes) and each
+    tensor's byte offset from the start of the file."""
+    for p in shard:
+        if p.dtype not in _SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{p.name}: dtype {p.dtype} cannot be written to safetensors here")
+    ordered = sorted(shard, key=lambda p: (-_DTYPE_RANK[_SAFETENSORS_DTYPES[p.dtype]], p.name))
+    entries: dict[str, object] = {"__metadata__": metadata}
+    begins, pos = {}, 0
+    for p in ordered:
+        entries[p.name] = {"dtype": _SAFETENSORS_DTYPES[p.dtype], "shape": list(p.shape),
+                           "data_offsets": [pos, pos + p.nbytes]}
+        begins[p.name] = pos
+        pos += p.nbytes
+    text = json.dumps(entries, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    start = 8 + len(text)
+    return struct.pack("<Q", len(text)) + text, {name: start + b for name, b in begins.items()}
+
+
+def _pwrite_all(fd: int, data, offset: int) -> None:
+    view = memoryview(data).cast("B")
+    while view.nbytes:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
 def write_hf_safetensors(tensors: Iterable[tuple[str, torch.Tensor]], out_dir: Path, *,
-                         max_shard_bytes: int = 2 << 30) -> int:
-    """Write (name, tensor) pairs as safetensors shards plus an index; returns bytes written."""
-    from safetensors.torch import save_file
-
-    shard: dict[str, torch.Tensor] = {}
-    shard_bytes = total = 0
-    shard_files: list[tuple[str, list[str]]] = []
-
-    def flush():
-        nonlocal shard, shard_bytes
-        if shard:
-            fname = f"model-{len(shard_files) + 1:05d}.safetensors"
-            save_file(shard, str(out_dir / fname), metadata={"format": "pt"})
-            shard_files.append((fname, list(shard)))
-            shard, shard_bytes = {}, 0
-
-    for name, t in tensors:
-        nbytes = t.numel() * t.element_size()
-        if shard and shard_bytes + nbytes > max_shard_bytes:
-            flush()
-        shard[name] = t.contiguous().clone() if t.storage_offset() or not t.is_contiguous() else t
-        shard_bytes += nbytes
-        total += nbytes
-    flush()
-    if len(shard_files) == 1:
-        (out_dir / shard_files[0][0]).rename(out_dir / "model.safetensors")
-    else:
-        weight_map = {n: f for f, names in shard_files for n in names}
+                         planned: list[PlannedTensor], max_shard_bytes: int = 2 << 30) -> int:
+    """Write (name, tensor) pairs, which must arrive as ``planned``, as safetensors shards (plus an
+    index when more than one); each tensor goes to disk as it arrives. Returns bytes written."""
+    if len({p.name for p in planned}) != len(planned):
+        raise CheckpointError("planned tensors have duplicate names")
+    shards = plan_shards(planned, max_shard_bytes)
+    names = ["model.safetensors"] if len(shards) == 1 else \
+        [f"model-{i + 1:05d}.safetensors" for i in range(len(shards))]
+    where: dict[str, tuple[int, int]] = {}         # tensor name -> (shard index, file offset)
+    fds = []
+    try:
+        for i, shard in enumerate(shards):
+            header, offsets = safetensors_header(shard, {"format": "pt"})
+            fd = os.open(out_dir / names[i], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            fds.append(fd)
+            os.ftruncate(fd, len(header) + sum(p.nbytes for p in shard))
+            _pwrite_all(fd, header, 0)
+            where.update({name: (i, off) for name, off in offsets.items()})
+        total, arrived = 0, 0
+        for name, t in tensors:
+            want = planned[arrived] if arrived < len(planned) else None
+            if want is None:
+                raise CheckpointError(f"export stream gave {name}, which was not planned")
+            if (name, tuple(t.shape), t.dtype) != (want.name, want.shape, want.dtype):
+                raise CheckpointError(f"export stream gave {name} {tuple(t.shape)} {t.dtype} where "
+                                      f"{want.name} {want.shape} {want.dtype} was planned")
+            shard_index, offset = where[name]
+            _pwrite_all(fds[shard_index], t.contiguous().reshape(-1).view(torch.uint8).numpy(), offset)
+            total += want.nbytes
+            arrived += 1
+        if arrived < len(planned):
+            raise CheckpointError(f"export stream ended before {planned[arrived].name} "
+                                  f"({len(planned) - arrived} planned tensor(s) never came)")
+    finally:
+        for fd in fds:
+            os.close(fd)
+    if len(shards) > 1:
+        weight_map = {p.name: names[i] for i, shard in enumerate(shards) for p in shard}
         (out_dir / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
     return total

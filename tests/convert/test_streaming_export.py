@@ -58,15 +58,16 @@ def test_export_is_byte_identical_to_the_hf_source(tiny_hf_factory, tmp_path, fa
 
 
 def test_export_memory_is_a_group_of_layers_not_the_model(tmp_path):
-    """A 48-layer fp32 model (~190 MB) exported in 8 MiB groups into 8 MiB shards: the export process's
-    peak RSS grows by less than half the model over its baseline (torch + the converter imported).
-    The same export with the whole model in one group grows by about the model: the measure can fail."""
+    """A 48-layer fp32 model (~190 MB) exported in 8 MiB groups into ONE output file: the export
+    process's peak RSS grows by less than half the model over its baseline (torch + the converter
+    imported), so neither the model nor the output shard is held. The same export with the whole model
+    in one group grows by about the model: the measure can fail."""
     from sage_megatron.testing.tiny_models import make_tiny_hf_model
 
     hf = make_tiny_hf_model("llama", tmp_path / "hf", hidden_size=256, num_layers=48, num_heads=4,
                             num_kv_heads=2, ffn_hidden_size=1024, seed=7)
     hf_to_megatron(hf, tmp_path / "ck", tp=1, pp=1)
-    streamed = megatron_to_hf(tmp_path / "ck", tmp_path / "out", max_stage_bytes=8 << 20, max_shard_bytes=8 << 20)
+    streamed = megatron_to_hf(tmp_path / "ck", tmp_path / "out", max_stage_bytes=8 << 20, max_shard_bytes=1 << 40)
     model_gib = streamed["model_bytes"] / 2**30
     growth = streamed["peak_rss_gib"] - streamed["baseline_rss_gib"]
     assert streamed["model_bytes"] > 180e6
@@ -74,6 +75,7 @@ def test_export_memory_is_a_group_of_layers_not_the_model(tmp_path):
     assert growth < model_gib / 2, (f"peak RSS grew {growth * 1024:.0f} MiB for a {model_gib * 1024:.0f} MiB "
                                     f"model: {streamed}")
     assert_byte_identical(hf, tmp_path / "out")
+    assert not (tmp_path / "out" / "model.safetensors.index.json").exists()
     whole = megatron_to_hf(tmp_path / "ck", tmp_path / "out_whole", max_stage_bytes=1 << 40,
                            max_shard_bytes=8 << 20)
     assert whole["peak_rss_gib"] - whole["baseline_rss_gib"] > 0.9 * model_gib, whole
