@@ -45,7 +45,7 @@ def demo(out_dir: Path, *, overwrite: bool) -> dict:
                    "round_trip_bit_exact": exact, "seconds": round(time.perf_counter() - t0, 1)}
         (tmp / "summary.json").write_text(json.dumps(summary, indent=1))
     ok = exact and all(v["max_abs_logit_diff"] <= 1e-4 for v in parity.values())
-    print(f"\n| check | result |\n|---|---|")
+    print("\n| check | result |\n|---|---|")
     for k, v in parity.items():
         print(f"| logits {k} vs HF (fp32) | {v['max_abs_logit_diff']:.2e} |")
     print(f"| HF -> Megatron -> HF | {'bit-exact' if exact else 'MISMATCH'} |")

@@ -16,6 +16,13 @@ of steps (many hard prompts get G wrong samples: no GRPO signal), is much higher
 the level-3 hint, and the hint prompt yields parsable JSON. ``evaluate_policy`` measures exactly
 that. ``cached_toy_policy`` keys the checkpoint by a hash of the recipe, code version and templates,
 and writes it atomically, so repeated runs reuse it.
+
+The default recipe's result is SHIPPED in ``sage_megatron/tasks/toy_policy/`` (3 MB, with the report of
+``evaluate_policy`` on it): whether 1,200 steps of this tiny model learn the digit arithmetic or only the
+format is decided by float rounding, and rounding differs between CPUs (the same recipe and seed
+learned on one 2-core machine and stayed at chance on another), so a fresh machine copies the shipped
+weights instead of gambling. ``ship_policy`` remakes the copy (command in its docstring); recipes other
+than the default are trained here, and ``check_learned`` says so loudly when one stays at chance.
 """
 from __future__ import annotations
 
@@ -25,11 +32,9 @@ import fcntl
 import hashlib
 import json
 import math
-import os
 import random
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +45,7 @@ import torch
 from sage_megatron.algo.hint_json import parse_hint_json
 from sage_megatron.algo.reward import integer_reward
 from sage_megatron.algo.templates import Templates, answer_messages, hint_messages, load_templates
+from sage_megatron.fsutil import atomic_output_dir
 from sage_megatron.tasks import toy_task
 
 # Bump when a change here or in toy_task.py changes the trained weights (invalidates caches).
@@ -304,7 +310,66 @@ def pretrain_toy_policy(
     return out
 
 
-# ----------------------------------------------------------------------------- cache
+# ----------------------------------------------------------------------------- shipped copy and cache
+
+SHIPPED_DIR = Path(__file__).with_name("toy_policy")
+SHIPPED_EVAL = "eval.json"           # evaluate_policy's report on the shipped weights
+
+
+def shipped_policy(recipe: ToyPretrainRecipe = DEFAULT_RECIPE) -> Path | None:
+    """The shipped policy folder when it was trained from ``recipe`` (same key), else None."""
+    meta = SHIPPED_DIR / "toy_pretrain.json"
+    if not meta.is_file():
+        return None
+    return SHIPPED_DIR if json.loads(meta.read_text()).get("recipe_key") == recipe.key() else None
+
+
+@torch.no_grad()
+def one_step_accuracy(model_dir: str | Path, *, rows: int = 48, seed: int = 99) -> float:
+    """Greedy accuracy on ``rows`` fresh one-step problems, unhinted: a quick learned-or-not check
+    (chance, guessing a two-digit answer, is about 0.01-0.1; the shipped policy gets most of them)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    maker = ExampleMaker(tok, load_templates(toy_task.TEMPLATE_DIR))
+    problems = toy_task.generate_rows(rows, seed=seed, steps=(1,), unique=False)
+    texts = sample_texts(model, tok, [maker.answer_prompt(r) for r in problems], max_new_tokens=64, temperature=0)
+    return sum(integer_reward(t, r["answer"]) for t, r in zip(texts, problems)) / rows
+
+
+LEARNED_MIN_ONE_STEP = 0.3     # below this the policy did not learn the arithmetic (chance is ~0.1)
+
+
+def check_learned(model_dir: str | Path, log: Callable[[str], None] | None = print) -> float:
+    """Warn (one line, with the fix) when a freshly trained policy answers one-step problems at chance."""
+    acc = one_step_accuracy(model_dir)
+    if log and acc < LEARNED_MIN_ONE_STEP:
+        log(f"[toy_pretrain] WARNING: the policy trained here answers {acc:.2f} of one-step problems greedily "
+            f"(< {LEARNED_MIN_ONE_STEP}): it learned the format, not the arithmetic, so GRPO and SAGE will start "
+            "near chance. Try another --seed or more --steps, or use the default recipe (shipped weights).")
+    return acc
+
+
+def ship_policy(out_dir: str | Path = SHIPPED_DIR, *, num_threads: int | None = 1) -> Path:
+    """Train the default recipe and write it, with its evaluation, as the shipped copy:
+
+        python -m sage_megatron.tasks.toy_pretrain --ship          # ~4 min train + ~2 min eval, 1 thread
+
+    Refuses to ship a policy that did not learn (see ``check_learned``)."""
+    out = Path(out_dir)
+    with atomic_output_dir(out, overwrite=True) as tmp:
+        pretrain_toy_policy(tmp, num_threads=num_threads)
+        acc = one_step_accuracy(tmp)
+        if acc < LEARNED_MIN_ONE_STEP:
+            raise RuntimeError(f"the default recipe did not learn on this machine (one-step accuracy {acc:.2f}); "
+                               f"the shipped copy in {out} is left as it was")
+        report = evaluate_policy(tmp, rows_per_step=32, num_threads=num_threads)
+        report["one_step_greedy_accuracy"] = acc
+        report["command"] = "python -m sage_megatron.tasks.toy_pretrain --ship"
+        (tmp / SHIPPED_EVAL).write_text(json.dumps(report, indent=1))
+    return out
+
 
 
 def cached_toy_policy(
@@ -314,10 +379,11 @@ def cached_toy_policy(
     num_threads: int | None = None,
     log: Callable[[str], None] | None = print,
 ) -> Path:
-    """``cache_root/toy_policy-<recipe key>``: reused when present, else trained and renamed in place.
+    """``cache_root/toy_policy-<recipe key>``: reused when present, else copied from the shipped policy
+    (same recipe key) or trained here, then renamed in place.
 
-    Training writes into a temp dir under ``cache_root`` and renames it (atomic on one filesystem);
-    a per-key file lock keeps two concurrent callers from training twice.
+    Copying or training writes into a temp dir under ``cache_root`` and renames it (atomic on one
+    filesystem, ``atomic_output_dir``); a per-key file lock keeps two concurrent callers from training twice.
     """
     root = Path(cache_root)
     root.mkdir(parents=True, exist_ok=True)
@@ -328,15 +394,15 @@ def cached_toy_policy(
         fcntl.flock(lock, fcntl.LOCK_EX)
         if (final / "config.json").is_file():      # another process finished while we waited
             return final
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
-        try:
-            pretrain_toy_policy(tmp, recipe=recipe, num_threads=num_threads, log=log)
-            if final.exists():                     # a stale partial dir (no config.json): replace it
-                shutil.rmtree(final)
-            os.rename(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        with atomic_output_dir(final, overwrite=True) as tmp:   # replaces a stale partial dir (no config.json)
+            shipped = shipped_policy(recipe)
+            if shipped is not None:
+                shutil.copytree(shipped, tmp, dirs_exist_ok=True)
+                if log:
+                    log(f"[toy_pretrain] copied the shipped toy policy ({shipped}) -> {final}")
+            else:
+                pretrain_toy_policy(tmp, recipe=recipe, num_threads=num_threads, log=log)
+                check_learned(tmp, log=log)
     return final
 
 
@@ -453,7 +519,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--eval-only", action="store_true", help="evaluate an existing --out model")
     ap.add_argument("--rows-per-step", type=int, default=64)
     ap.add_argument("--json", default=None, help="write the eval report here")
+    ap.add_argument("--ship", action="store_true",
+                    help=f"train the default recipe into the shipped copy ({SHIPPED_DIR}) with its eval report")
     args = ap.parse_args(argv)
+    if args.ship:
+        print(f"[toy_pretrain] shipped -> {ship_policy(num_threads=args.threads or 1)}")
+        return 0
     if args.eval_only:
         path = Path(args.out)
     elif args.cache:

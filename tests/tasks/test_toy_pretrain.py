@@ -1,8 +1,9 @@
-"""Pretraining of the toy policy: loss goes down, checkpoints reload exactly, the cache is reused.
+"""Pretraining of the toy policy: loss goes down, checkpoints reload exactly, the cache is reused,
+the shipped copy is the default recipe's and is what a fresh cache gets.
 
-The slow tests train the default recipe (~2-3 CPU minutes, or reuse $SAGE_TOY_CACHE) and check
-the shape GRPO vs SAGE needs: accuracy falls with steps, the level-3 hint rescues hard items,
-the hint prompt yields parsable JSON.
+The default-policy tests take the shipped weights (through the cache) and check the shape GRPO vs SAGE
+needs: accuracy falls with steps, the level-3 hint rescues hard items, the hint prompt yields parsable
+JSON.
 """
 from __future__ import annotations
 
@@ -90,7 +91,7 @@ def test_cache_hit_reuses_without_training(tmp_path, monkeypatch):
     assert toy_pretrain.cached_toy_policy(tmp_path, recipe=recipe, log=None) == first
     with pytest.raises(AssertionError, match="retrained"):        # another recipe is another key
         toy_pretrain.cached_toy_policy(tmp_path, recipe=dataclasses.replace(recipe, seed=recipe.seed + 1), log=None)
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]   # failed run cleaned up
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]   # failed run cleaned up
 
 
 def test_recipe_key_covers_recipe_code_and_templates(tmp_path):
@@ -104,6 +105,37 @@ def test_recipe_key_covers_recipe_code_and_templates(tmp_path):
     assert dataclasses.replace(base, template_dir=str(tmp_path)).key() != base.key()
 
 
+def test_the_shipped_policy_is_the_default_recipes():
+    """A change to the recipe, the code version or the templates changes the key: reship with --ship."""
+    shipped = toy_pretrain.shipped_policy(toy_pretrain.DEFAULT_RECIPE)
+    assert shipped is not None, "sage_megatron/tasks/toy_policy is not the default recipe's: run " \
+                                "python -m sage_megatron.tasks.toy_pretrain --ship"
+    meta = json.loads((shipped / "toy_pretrain.json").read_text())
+    assert meta["recipe"] == json.loads(json.dumps(dataclasses.asdict(toy_pretrain.DEFAULT_RECIPE)))
+    assert meta["steps_done"] == toy_pretrain.DEFAULT_RECIPE.steps
+    assert toy_pretrain.shipped_policy(dataclasses.replace(toy_pretrain.DEFAULT_RECIPE, seed=7)) is None
+
+
+def test_a_fresh_cache_copies_the_shipped_policy_without_training(tmp_path, monkeypatch):
+    def boom(**_):
+        raise AssertionError("trained although the shipped policy has this recipe")
+
+    monkeypatch.setattr(toy_pretrain, "train_toy_policy", boom)
+    got = toy_pretrain.cached_toy_policy(tmp_path, log=None)
+    assert got == tmp_path / f"toy_policy-{toy_pretrain.DEFAULT_RECIPE.key()}"
+    assert (got / "model.safetensors").read_bytes() == (toy_pretrain.SHIPPED_DIR / "model.safetensors").read_bytes()
+
+
+def test_check_learned_tells_a_policy_at_chance_from_the_shipped_one(tmp_path):
+    untrained = toy_pretrain.pretrain_toy_policy(tmp_path / "p", recipe=dataclasses.replace(TINY, steps=2),
+                                                 num_threads=1, log=None)
+    said = []
+    assert toy_pretrain.check_learned(untrained, log=said.append) < toy_pretrain.LEARNED_MIN_ONE_STEP
+    assert len(said) == 1 and "WARNING" in said[0] and "--seed" in said[0]
+    said.clear()
+    assert toy_pretrain.check_learned(toy_pretrain.SHIPPED_DIR, log=said.append) >= 0.6 and not said
+
+
 # ----------------------------------------------------------------------------- the real recipe
 
 
@@ -113,7 +145,6 @@ def default_policy(tmp_path_factory) -> Path:
     return toy_pretrain.cached_toy_policy(root, num_threads=2)
 
 
-@pytest.mark.slow
 def test_default_policy_has_the_shape_sage_needs(default_policy):
     report = toy_pretrain.evaluate_policy(default_policy, rows_per_step=48, num_threads=2)
     print("\n" + toy_pretrain.format_report(report))
