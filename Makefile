@@ -10,8 +10,8 @@ setup:
 setup-slurm:
 	scripts/setup.sh --slurm
 
-# The embedded default: GRPO vs SAGE on the toy task from the same start and seed (pretrains and
-# caches the tiny toy policy on first use), comparison table, summary.json path printed last.
+# The embedded default: GRPO vs SAGE on the toy task from the same start and seed (the shipped tiny
+# toy policy, copied into runs/cache on first use), comparison table, summary.json path printed last.
 run: setup
 	$(PY) -m sage_megatron.cli toy --out-dir runs/toy
 
