@@ -102,13 +102,14 @@ def main() -> int:
         nbytes = sum(f.stat().st_size for f in (work / "hf").glob("*.safetensors"))
         print(f"made a {params / 1e9:.2f}B-parameter {a.dtype} model ({nbytes / 2**30:.2f} GiB) in "
               f"{time.perf_counter() - t0:.0f} s", flush=True)
-        floors, converts, exports, rank_rss, export_runs = [], [], [], [], []
+        floors, converts, exports, rank_rss, export_runs, rank0_phases = [], [], [], [], [], []
         for i in range(a.repeats):
             floors.append(floor_copy(work / "hf", work / f"floor{i}"))
             shutil.rmtree(work / f"floor{i}")
             r = hf_to_megatron(work / "hf", work / f"ckpt{i}", tp=a.tp, pp=a.pp)
             converts.append(r["seconds"])
             rank_rss.append([x["peak_rss_gib"] for x in r["ranks"]])
+            rank0_phases.append(r["ranks"][0]["phase_seconds"])
             e = megatron_to_hf(work / f"ckpt{i}", work / f"export{i}", max_stage_bytes=a.max_stage_bytes)
             exports.append(e["seconds"])
             export_runs.append(e)
@@ -130,6 +131,8 @@ def main() -> int:
         "peak_rss_gib_per_rank": [max(r[k] for r in rank_rss) for k in range(len(rank_rss[0]))],
         "peak_rss_gib_launcher": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "convert_gib_per_s": nbytes / 2**30 / statistics.median(converts),
+        # rank 0's phases (medians); the rest of convert_seconds is checks, spawning ranks and their imports
+        "convert_phase_seconds_rank0": {k: statistics.median(p[k] for p in rank0_phases) for k in rank0_phases[0]},
         "export_seconds": statistics.median(exports), "export_seconds_all": exports,
         "export_over_floor": statistics.median(exports) / statistics.median(floors),
         "export_max_stage_bytes": a.max_stage_bytes,
@@ -145,6 +148,9 @@ def main() -> int:
     print(f"| {params / 1e9:.2f}B | {nbytes / 2**30:.2f} | tp{a.tp} pp{a.pp} | {result['convert_seconds']:.1f} | "
           f"{result['floor_seconds']:.1f} | {result['convert_over_floor']:.2f} | "
           f"{', '.join(f'{x:.2f}' for x in result['peak_rss_gib_per_rank'])} |")
+    phases = result["convert_phase_seconds_rank0"]
+    print("\nconvert, rank 0 (median s): " + ", ".join(f"{k} {v:.2f}" for k, v in phases.items())
+          + f"; the remaining {result['convert_seconds'] - sum(phases.values()):.2f} s is checks, spawning and imports")
     print("\n| export s | export/floor | model GiB | export peak RSS GiB | growth over baseline GiB | growth/model |")
     print("|---|---|---|---|---|---|")
     print(f"| {result['export_seconds']:.1f} | {result['export_over_floor']:.2f} | "

@@ -129,20 +129,34 @@ def reset_peak_rss() -> bool:
 # ---- HF -> Megatron ---------------------------------------------------------------------------------
 
 def _import_rank(hf_dir: str, dist_dir: str, layout: ParallelLayout, dtype_name: str, padded_vocab: int) -> dict:
+    """One rank of the import; returns its peak RSS and the seconds of each phase (from the function's
+    start, so process start-up and imports before it are the launcher's share)."""
     import torch.distributed as dist
 
     from sage_megatron.parallel.distributed import init_parallel
     from sage_megatron.parallel.model import build_gpt_model
     from sage_megatron.parallel.shards import load_hf_into_model, save_dist_checkpoint
 
+    phases, t = {}, time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal t
+        now = time.perf_counter()
+        phases[name], t = now - t, now
+
     init_parallel(layout)
+    lap("init_parallel")
     arch = arch_from_hf_config(read_hf_config(hf_dir))
     model = build_gpt_model(arch, layout=layout, padded_vocab=padded_vocab, dtype=parse_dtype(dtype_name))
+    lap("build_model")
     reader = HFReader(hf_dir)
     n = load_hf_into_model(model, arch=arch, get_slice=reader.get_slice, padded_vocab=padded_vocab)
+    lap("read_slices")
     dist.barrier()
+    lap("barrier")
     save_dist_checkpoint(model, dist_dir)
-    return {"params_filled": n, "peak_rss_gib": rss_gib()}
+    lap("save_dist")
+    return {"params_filled": n, "peak_rss_gib": rss_gib(), "phase_seconds": phases}
 
 
 def hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, *, tp: int = 1, pp: int = 1, dtype: str | None = None,
