@@ -353,7 +353,7 @@ def _export_rank(ckpt_dir: str, out_dir: str, max_shard_bytes: int, max_stage_by
     # and every tensor's offset are then known before anything is read.
     planned = [PlannedTensor(name, tuple(t.shape), t.dtype) for name, t in
                wm.export_hf_tensors(meta.arch, ((r.megatron_name, r.meta_tensor(dtype)) for r in reads))]
-    model_bytes = sum(math.prod(r.box) for r in reads) * torch.empty((), dtype=dtype).element_size()
+    model_bytes = sum(math.prod(r.box) for r in reads) * dtype.itemsize
     nbytes = write_hf_safetensors(wm.export_hf_tensors(meta.arch, read_dist_groups(dist_dir, groups, dtype=dtype)),
                                   Path(out_dir), planned=planned, max_shard_bytes=max_shard_bytes)
     return {"bytes": nbytes, "model_bytes": model_bytes, "peak_rss_gib": rss_gib(), "baseline_rss_gib": baseline}
@@ -365,7 +365,8 @@ def megatron_to_hf(ckpt_dir: str | Path, out_dir: str | Path, *, overwrite: bool
 
     Streams group by group (see above), each tensor written at its planned offset in its output shard
     as it comes: the export's memory is about max(max_stage_bytes, largest tensor), whatever the model
-    and shard sizes. Runs in one spawned process, so its memory goes back to the system when done, with one thread:
+    and shard sizes. Runs in one spawned process, so its memory goes back to the system when done,
+    with one thread:
     the work is copies bounded by disk speed, and one thread cannot contend with a trainer sharing the
     CPU (two threads ran 5x slower on a loaded 2-core machine). Returns seconds; bytes written;
     model_bytes (the global tensors read, vocabulary padding included); the export process's

@@ -117,7 +117,7 @@ class PlannedTensor:
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
 def plan_shards(planned: list[PlannedTensor], max_shard_bytes: int) -> list[list[PlannedTensor]]:

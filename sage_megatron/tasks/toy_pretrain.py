@@ -17,7 +17,7 @@ the level-3 hint, and the hint prompt yields parsable JSON. ``evaluate_policy`` 
 that. ``cached_toy_policy`` keys the checkpoint by a hash of the recipe, code version and templates,
 and writes it atomically, so repeated runs reuse it.
 
-The default recipe's result is SHIPPED in ``sage_megatron/tasks/toy_policy/`` (3 MB, with the report of
+The default recipe's result is SHIPPED in ``sage_megatron/tasks/toy_policy/`` (1.3 MB, with the report of
 ``evaluate_policy`` on it): whether 1,200 steps of this tiny model learn the digit arithmetic or only the
 format is decided by float rounding, and rounding differs between CPUs (the same recipe and seed
 learned on one 2-core machine and stayed at chance on another), so a fresh machine copies the shipped
@@ -354,7 +354,7 @@ def check_learned(model_dir: str | Path, log: Callable[[str], None] | None = pri
 def ship_policy(out_dir: str | Path = SHIPPED_DIR, *, num_threads: int | None = 1) -> Path:
     """Train the default recipe and write it, with its evaluation, as the shipped copy:
 
-        python -m sage_megatron.tasks.toy_pretrain --ship          # ~4 min train + ~2 min eval, 1 thread
+        python -m sage_megatron.tasks.toy_pretrain --ship          # 4-10 min train + ~30 s eval, 1 thread
 
     Refuses to ship a policy that did not learn (see ``check_learned``)."""
     out = Path(out_dir)
@@ -369,7 +369,6 @@ def ship_policy(out_dir: str | Path = SHIPPED_DIR, *, num_threads: int | None = 
         report["command"] = "python -m sage_megatron.tasks.toy_pretrain --ship"
         (tmp / SHIPPED_EVAL).write_text(json.dumps(report, indent=1))
     return out
-
 
 
 def cached_toy_policy(
