@@ -125,7 +125,7 @@ def plan_shards(planned: list[PlannedTensor], max_shard_bytes: int) -> list[list
     shards: list[list[PlannedTensor]] = []
     shard_bytes = 0
     for p in planned:
-        if not shards or (shards[-1] and shard_bytes + p.nbytes > max_shard_bytes):
+        if not shards or shard_bytes + p.nbytes > max_shard_bytes:
             shards.append([])
             shard_bytes = 0
         shards[-1].append(p)
@@ -181,9 +181,9 @@ def write_hf_safetensors(tensors: Iterable[tuple[str, torch.Tensor]], out_dir: P
             where.update({name: (i, off) for name, off in offsets.items()})
         total, arrived = 0, 0
         for name, t in tensors:
-            want = planned[arrived] if arrived < len(planned) else None
-            if want is None:
+            if arrived == len(planned):
                 raise CheckpointError(f"export stream gave {name}, which was not planned")
+            want = planned[arrived]
             if (name, tuple(t.shape), t.dtype) != (want.name, want.shape, want.dtype):
                 raise CheckpointError(f"export stream gave {name} {tuple(t.shape)} {t.dtype} where "
                                       f"{want.name} {want.shape} {want.dtype} was planned")
