@@ -1,21 +1,22 @@
 #!/usr/bin/env python
 """Benchmark: HF -> Megatron dist-checkpoint conversion of a ~1B-parameter Llama-layout model, and back.
 
-  python bench/convert.py --json OUT [--tp 2 --pp 1 --repeats 2 --dtype bfloat16 --max-stage-bytes 1073741824]
+  python bench/convert.py --json OUT [--tp 2 --pp 1 --repeats 2 --dtype bfloat16 --threads 1
+                                      --max-stage-bytes 1073741824]
 
 Side by side in one run, interleaved (floor, convert, export, floor, convert, export) because disk speed
 here depends on what ran just before: `floor_seconds` reads and writes the same bytes with plain
 safetensors (load_file + save_file); `convert_seconds` is tools/convert's hf_to_megatron at the given
-layout; `export_seconds` is megatron_to_hf of that checkpoint (streamed in groups of --max-stage-bytes).
-Reports medians, convert/floor and export/floor, the peak RSS of every import rank (its own process
-image: /proc VmHWM), and the export's peak RSS and its growth over its baseline against the model's bytes.
+layout (one process, in this one); `export_seconds` is megatron_to_hf of that checkpoint (streamed in
+groups of --max-stage-bytes). Reports medians, convert/floor and export/floor, and for both directions
+the peak RSS (/proc VmHWM, reset before each) and its growth over the process's RSS at the start,
+against the model's bytes.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import resource
 import shutil
 import statistics
 import sys
@@ -87,6 +88,7 @@ def main() -> int:
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--threads", type=int, default=1, help="the import's writer threads")
     p.add_argument("--max-stage-bytes", type=int, default=1 << 30, help="export group size (megatron_to_hf)")
     p.add_argument("--workdir", default=None, help="scratch folder (default: a temp dir, removed after)")
     a = p.parse_args()
@@ -102,14 +104,13 @@ def main() -> int:
         nbytes = sum(f.stat().st_size for f in (work / "hf").glob("*.safetensors"))
         print(f"made a {params / 1e9:.2f}B-parameter {a.dtype} model ({nbytes / 2**30:.2f} GiB) in "
               f"{time.perf_counter() - t0:.0f} s", flush=True)
-        floors, converts, exports, rank_rss, export_runs, rank0_phases = [], [], [], [], [], []
+        floors, converts, exports, convert_runs, export_runs = [], [], [], [], []
         for i in range(a.repeats):
             floors.append(floor_copy(work / "hf", work / f"floor{i}"))
             shutil.rmtree(work / f"floor{i}")
-            r = hf_to_megatron(work / "hf", work / f"ckpt{i}", tp=a.tp, pp=a.pp)
+            r = hf_to_megatron(work / "hf", work / f"ckpt{i}", tp=a.tp, pp=a.pp, thread_count=a.threads)
             converts.append(r["seconds"])
-            rank_rss.append([x["peak_rss_gib"] for x in r["ranks"]])
-            rank0_phases.append(r["ranks"][0]["phase_seconds"])
+            convert_runs.append(r)
             e = megatron_to_hf(work / f"ckpt{i}", work / f"export{i}", max_stage_bytes=a.max_stage_bytes)
             exports.append(e["seconds"])
             export_runs.append(e)
@@ -124,15 +125,17 @@ def main() -> int:
         "model": f"random Llama layout, hidden {a.hidden}, {a.layers} layers, ffn {a.ffn}, "
                  f"heads {a.heads}/{a.kv_heads}, vocab {a.vocab}",
         "params": params, "bytes": nbytes, "dtype": a.dtype, "tp": a.tp, "pp": a.pp, "repeats": a.repeats,
+        "threads": a.threads,
         "convert_seconds": statistics.median(converts), "floor_seconds": statistics.median(floors),
         "convert_over_floor": statistics.median(converts) / statistics.median(floors),
         "convert_seconds_all": converts, "floor_seconds_all": floors,
-        "peak_rss_gib": max(max(r) for r in rank_rss),
-        "peak_rss_gib_per_rank": [max(r[k] for r in rank_rss) for k in range(len(rank_rss[0]))],
-        "peak_rss_gib_launcher": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "convert_gib_per_s": nbytes / 2**30 / statistics.median(converts),
-        # rank 0's phases (medians); the rest of convert_seconds is checks, spawning ranks and their imports
-        "convert_phase_seconds_rank0": {k: statistics.median(p[k] for p in rank0_phases) for k in rank0_phases[0]},
+        "convert_phase_seconds": {k: statistics.median(r["phase_seconds"][k] for r in convert_runs)
+                                  for k in convert_runs[0]["phase_seconds"]},
+        "convert_tensor_bytes": convert_runs[0]["tensor_bytes"],
+        "convert_peak_rss_gib": max(r["peak_rss_gib"] for r in convert_runs),
+        "convert_baseline_rss_gib": min(r["baseline_rss_gib"] for r in convert_runs),
+        "convert_rss_growth_gib": max(r["rss_growth_gib"] for r in convert_runs),
         "export_seconds": statistics.median(exports), "export_seconds_all": exports,
         "export_over_floor": statistics.median(exports) / statistics.median(floors),
         "export_max_stage_bytes": a.max_stage_bytes,
@@ -143,14 +146,19 @@ def main() -> int:
     growth = max(e["peak_rss_gib"] - e["baseline_rss_gib"] for e in export_runs)
     result["export_rss_growth_gib"] = growth
     result["export_rss_growth_over_model_bytes"] = growth * 2**30 / result["export_model_bytes"]
-    print("\n| params | bytes (GiB) | layout | convert s | floor s | convert/floor | peak RSS per rank GiB |")
-    print("|---|---|---|---|---|---|---|")
+    result["convert_peak_rss_over_model_bytes"] = result["convert_peak_rss_gib"] * 2**30 / result["export_model_bytes"]
+    result["convert_rss_growth_over_model_bytes"] = (result["convert_rss_growth_gib"] * 2**30
+                                                     / result["export_model_bytes"])
+    print("\n| params | bytes (GiB) | layout | convert s | floor s | convert/floor | peak RSS GiB | peak/model "
+          "| growth GiB | growth/model |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     print(f"| {params / 1e9:.2f}B | {nbytes / 2**30:.2f} | tp{a.tp} pp{a.pp} | {result['convert_seconds']:.1f} | "
           f"{result['floor_seconds']:.1f} | {result['convert_over_floor']:.2f} | "
-          f"{', '.join(f'{x:.2f}' for x in result['peak_rss_gib_per_rank'])} |")
-    phases = result["convert_phase_seconds_rank0"]
-    print("\nconvert, rank 0 (median s): " + ", ".join(f"{k} {v:.2f}" for k, v in phases.items())
-          + f"; the remaining {result['convert_seconds'] - sum(phases.values()):.2f} s is checks, spawning and imports")
+          f"{result['convert_peak_rss_gib']:.2f} | {result['convert_peak_rss_over_model_bytes']:.2f} | "
+          f"{result['convert_rss_growth_gib']:.2f} | {result['convert_rss_growth_over_model_bytes']:.2f} |")
+    phases = result["convert_phase_seconds"]
+    print("\nconvert (median s): " + ", ".join(f"{k} {v:.2f}" for k, v in phases.items())
+          + f"; the remaining {result['convert_seconds'] - sum(phases.values()):.2f} s is the side files and metadata")
     print("\n| export s | export/floor | model GiB | export peak RSS GiB | growth over baseline GiB | growth/model |")
     print("|---|---|---|---|---|---|")
     print(f"| {result['export_seconds']:.1f} | {result['export_over_floor']:.2f} | "

@@ -283,7 +283,7 @@ class Check:
         dist_bytes = sum(f.stat().st_size for f in (self.ckpt_dir / "dist").rglob("*") if f.is_file())
         return {"function": "sage_megatron.parallel.convert.hf_to_megatron (tools/convert/hf_to_megatron.py)",
                 "tp": 1, "pp": 1, "dtype": r["dtype"], "padded_vocab_size": r["padded_vocab_size"],
-                "convert_seconds": round(r["seconds"], 3), "rank_results": r["ranks"], "dist_bytes": dist_bytes}
+                "convert_seconds": round(r["seconds"], 3), "peak_rss_gib": round(r["peak_rss_gib"], 3), "phase_seconds": r["phase_seconds"], "dist_bytes": dist_bytes}
 
     # -- the actor --
 

@@ -4,8 +4,8 @@ A converted checkpoint folder holds:
   sage_megatron.json   metadata: format, architecture, padded vocabulary, dtype, layout written at, source
   hf/                  the HF config and tokenizer files (export writes them back unchanged)
   dist/                megatron-core dist checkpoint (torch_dist), loadable at any TP/PP
-All inputs are checked in the calling process before any rank is spawned. Import: each rank reads only
-its own slices of the HF tensors. Export: streamed from the dist checkpoint's files a group of layers at
+All inputs are checked before any file is written. Import: one process reads each HF tensor once and
+writes megatron-core's torch_dist files directly (``dist_write``), no rank spawned, no model built. Export: streamed from the dist checkpoint's files a group of layers at
 a time, never the whole model (see the Megatron -> HF section).
 """
 from __future__ import annotations
@@ -128,40 +128,19 @@ def reset_peak_rss() -> bool:
 
 # ---- HF -> Megatron ---------------------------------------------------------------------------------
 
-def _import_rank(hf_dir: str, dist_dir: str, layout: ParallelLayout, dtype_name: str, padded_vocab: int) -> dict:
-    """One rank of the import; returns its peak RSS and the seconds of each phase (from the function's
-    start, so process start-up and imports before it are the launcher's share)."""
-    import torch.distributed as dist
-
-    from sage_megatron.parallel.distributed import init_parallel
-    from sage_megatron.parallel.model import build_gpt_model
-    from sage_megatron.parallel.shards import load_hf_into_model, save_dist_checkpoint
-
-    phases, t = {}, time.perf_counter()
-
-    def lap(name: str) -> None:
-        nonlocal t
-        now = time.perf_counter()
-        phases[name], t = now - t, now
-
-    init_parallel(layout)
-    lap("init_parallel")
-    arch = arch_from_hf_config(read_hf_config(hf_dir))
-    model = build_gpt_model(arch, layout=layout, padded_vocab=padded_vocab, dtype=parse_dtype(dtype_name))
-    lap("build_model")
-    reader = HFReader(hf_dir)
-    n = load_hf_into_model(model, arch=arch, get_slice=reader.get_slice, padded_vocab=padded_vocab)
-    lap("read_slices")
-    dist.barrier()
-    lap("barrier")
-    save_dist_checkpoint(model, dist_dir)
-    lap("save_dist")
-    return {"params_filled": n, "peak_rss_gib": rss_gib(), "phase_seconds": phases}
-
-
 def hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, *, tp: int = 1, pp: int = 1, dtype: str | None = None,
-                   overwrite: bool = False) -> dict:
-    """Convert an HF checkpoint into a dist checkpoint written by tp*pp real ranks."""
+                   overwrite: bool = False, thread_count: int = 1) -> dict:
+    """Convert an HF checkpoint into a dist checkpoint loadable at any TP/PP, its vocabulary padded for ``tp``.
+
+    One process reads each HF tensor once and writes megatron-core's torch_dist format directly
+    (``dist_write``); no rank is spawned and no model is built. Returns the seconds, this process's peak
+    RSS over the conversion (``peak_rss_gib``, and ``rss_growth_gib`` above its RSS at the start) and the
+    seconds of each phase."""
+    from sage_megatron.parallel.dist_write import write_dist_checkpoint
+
+    if thread_count < 1:
+        raise ValueError(f"thread_count {thread_count}: the writer needs at least 1 thread (--threads 1)")
+    t0 = time.perf_counter()
     hf = Path(hf_dir)
     arch = arch_from_hf_config(read_hf_config(hf), source=str(hf / "config.json"))
     layout = ParallelLayout(tp=tp, pp=pp)
@@ -170,19 +149,24 @@ def hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, *, tp: int = 1, pp: 
     reader = HFReader(hf)
     wm.check_hf_tensors(arch, reader.shapes(), source=str(hf))
     dtype_name = dtype or str(reader.dtype("model.embed_tokens.weight")).removeprefix("torch.")
-    parse_dtype(dtype_name)
     padded = padded_vocab_size(arch.vocab_size, tp=tp)
-    del reader
-    t0 = time.perf_counter()
+    baseline_rss = rss_gib("VmRSS")
+    reset_peak_rss()
+    phases = {"checks": time.perf_counter() - t0}
     with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
         (tmp / "dist").mkdir()
-        ranks = run_distributed(_import_rank, world_size=layout.world_size,
-                                args=(str(hf), str(tmp / "dist"), layout, dtype_name, padded))
+        t = time.perf_counter()
+        nbytes = write_dist_checkpoint(tmp / "dist", arch, padded_vocab=padded, dtype=parse_dtype(dtype_name),
+                                       get_hf=reader.get, thread_count=thread_count)
+        phases["read_write"] = time.perf_counter() - t
         copy_side_files(hf, tmp / "hf")
         meta = CheckpointMeta(arch=arch, padded_vocab=padded, dtype=dtype_name, written_layout=layout,
                               source=str(hf.absolute()))
         (tmp / META_FILE).write_text(json.dumps(meta.to_json(), indent=1))
-    return {"seconds": time.perf_counter() - t0, "ranks": ranks, **meta.to_json()}
+    peak = rss_gib()
+    return {"seconds": time.perf_counter() - t0, "phase_seconds": phases, "tensor_bytes": nbytes,
+            "peak_rss_gib": peak, "baseline_rss_gib": baseline_rss, "rss_growth_gib": peak - baseline_rss,
+            **meta.to_json()}
 
 
 # ---- Megatron -> HF ---------------------------------------------------------------------------------

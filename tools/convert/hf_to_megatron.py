@@ -1,7 +1,10 @@
 #!/usr/bin/env python
-"""HF checkpoint -> megatron-core dist checkpoint at a TP/PP layout (written by tp*pp real ranks).
+"""HF checkpoint -> megatron-core dist checkpoint, loadable at any TP/PP (vocabulary padded for --tp).
+
+One process reads each HF tensor once and writes the torch_dist files; no ranks are spawned.
 
   python tools/convert/hf_to_megatron.py --hf-dir D --out-dir O --tp 2 --pp 1 [--dtype bfloat16] [--overwrite]
+                                         [--threads N]
 """
 import argparse
 import json
@@ -17,10 +20,12 @@ def main() -> int:
     p.add_argument("--pp", type=int, default=1)
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: the checkpoint's)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out-dir (only once complete)")
+    p.add_argument("--threads", type=int, default=1, help="writer threads (more can help on parallel file systems)")
     a = p.parse_args()
     from sage_megatron.parallel.convert import hf_to_megatron
 
-    r = hf_to_megatron(a.hf_dir, a.out_dir, tp=a.tp, pp=a.pp, dtype=a.dtype, overwrite=a.overwrite)
+    r = hf_to_megatron(a.hf_dir, a.out_dir, tp=a.tp, pp=a.pp, dtype=a.dtype, overwrite=a.overwrite,
+                      thread_count=a.threads)
     print(json.dumps({"out_dir": a.out_dir, "seconds": round(r["seconds"], 2), "family": r["family"],
                       "tp": a.tp, "pp": a.pp, "dtype": r["dtype"], "padded_vocab_size": r["padded_vocab_size"]}))
     return 0
