@@ -80,24 +80,6 @@ class HFReader:
             raise CheckpointError(f"{self.dir / self.file_of[name]}: cannot read {name!r} ({err}): "
                                   "the file is corrupt; re-export it") from None
 
-    def get_slice(self, name: str, dim: int = 0, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        """Tensor ``name``'s [start, stop) along ``dim`` (stop None: to the end), reading only those bytes
-        (safetensors' lazy slices: rows are one contiguous read, columns a strided one)."""
-        try:
-            lazy = self._handles[self.file_of[name]].get_slice(name)
-        except KeyError:
-            raise CheckpointError(f"{self.dir}: tensor {name!r} not found") from None
-        shape = lazy.get_shape()
-        stop = shape[dim] if stop is None else stop
-        if not 0 <= start <= stop <= shape[dim]:
-            raise CheckpointError(f"{self.dir / self.file_of[name]}: {name!r} has {shape[dim]} entries along dim "
-                                  f"{dim}, slice [{start}, {stop}) asked for (config.json and weights disagree?)")
-        try:
-            return lazy[(slice(None),) * dim + (slice(start, stop),)]
-        except Exception as err:
-            raise CheckpointError(f"{self.dir / self.file_of[name]}: cannot read {name!r} ({err}): "
-                                  "the file is corrupt; re-export it") from None
-
 
 # safetensors' dtype codes, in the order of its Dtype enum: save_file lays tensors out by descending
 # dtype (in that order), then by name, and so does safetensors_header.

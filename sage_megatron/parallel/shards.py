@@ -1,8 +1,8 @@
 """Moving weights into and out of a live (TP/PP-sharded) Megatron model through the weight maps.
 
-``load_hf_into_model`` fills this rank's stage from HF tensors; ``iter_global_tensors`` yields this
-stage's parameters as global (TP-gathered) tensors, one at a time, so peak extra memory is one
-gathered parameter. Both the converter and the per-iteration weight sync use them.
+``iter_global_tensors`` yields this stage's parameters as global (TP-gathered) tensors, one at a time,
+so peak extra memory is one gathered parameter (the per-iteration weight sync); ``save_dist_checkpoint``
+and ``load_dist_checkpoint`` are megatron-core's torch_dist save and load of a live model.
 """
 from __future__ import annotations
 
@@ -38,25 +38,6 @@ def tp_rank_and_size() -> tuple[int, int]:
     from megatron.core import parallel_state as ps
 
     return ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
-
-
-@torch.no_grad()
-def load_hf_into_model(model, *, arch: ModelArch, get_slice: wm.GetSlice, padded_vocab: int) -> int:
-    """Copy HF tensors into this rank's shards, reading only this rank's slices of them
-    (``get_slice(name, dim, start, stop)``, e.g. ``HFReader.get_slice``). Returns the number of parameters filled."""
-    rank, tp = tp_rank_and_size()
-    maps = wm.mappings_by_name(arch)
-    count = 0
-    for key, param in stage_params(model):
-        m = maps.get(key)
-        if m is None:
-            raise wm.WeightMapError(f"Megatron parameter {key!r} has no mapping for family {arch.family}")
-        local = wm.hf_shard(m, get_slice, arch=arch, padded_vocab=padded_vocab, tp=tp, rank=rank)
-        if tuple(local.shape) != tuple(param.shape):
-            raise wm.WeightMapError(f"{key}: mapped shard {tuple(local.shape)} != parameter {tuple(param.shape)}")
-        param.copy_(local.to(param.dtype))
-        count += 1
-    return count
 
 
 @torch.no_grad()

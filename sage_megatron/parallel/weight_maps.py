@@ -7,10 +7,8 @@ Vocabulary of this module:
 
 ``param_mappings(arch)`` lists, for every Megatron parameter, its HF sources and how it is fused and
 split; ``to_global``/``from_global`` convert HF <-> global; ``shard``/``merge_shards`` convert
-global <-> TP shards; ``hf_shard`` reads one rank's shard straight from HF slices (import: each rank
-reads only its own rows/columns, equal to ``shard(to_global(...))``). The offline converter
-(tools/convert) and the per-iteration weight sync into vLLM both go through these functions, so they
-cannot drift apart.
+global <-> TP shards. The offline converter (tools/convert) and the per-iteration weight sync into vLLM
+both go through these functions, so they cannot drift apart.
 
 Layouts (h = hidden, d = head_dim, nq/ng = query heads/groups, qpg = nq/ng, f = ffn):
 - linear_qkv [ng*(qpg+2)*d, h]: per query group, its qpg query heads then its k head then its v head
@@ -187,53 +185,6 @@ def merge_shards(m: ParamMapping, shards: list[torch.Tensor]) -> torch.Tensor:
     if m.tp_split == COLUMN_GLU:
         halves = [torch.chunk(s, 2, dim=0) for s in shards]
         return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
-    raise WeightMapError(f"unknown tp split {m.tp_split!r} for {m.megatron_name}")
-
-
-def chunk_bounds(n: int, *, tp: int, rank: int) -> tuple[int, int]:
-    """[start, stop) of ``torch.chunk(range(n), tp)[rank]`` (what ``shard`` takes along the split dim)."""
-    size = -(-n // tp)
-    return min(n, rank * size), min(n, (rank + 1) * size)
-
-
-# get_slice(hf_name, dim, start, stop): the HF tensor's [start, stop) along dim (stop None: to the end).
-GetSlice = Callable[[str, int, int, "int | None"], torch.Tensor]
-
-
-def hf_shard(m: ParamMapping, get_slice: GetSlice, *, arch: ModelArch, padded_vocab: int, tp: int,
-             rank: int) -> torch.Tensor:
-    """Rank ``rank``'s shard of mapping ``m`` read from HF slices: equal to
-    ``shard(m, to_global(m, ...), tp=tp, rank=rank)`` without reading any other rank's rows or columns.
-
-    column (QKV): the rank's query groups' rows of q, k and v, fused group-major; column_glu: the
-    rank's rows of gate and of up; row: the rank's columns; vocab: the rank's rows of the padded
-    vocabulary (HF rows below ``arch.vocab_size``, zeros beyond); replicated: the whole tensor.
-    """
-    if m.tp_split == REPLICATED:
-        (name,) = m.hf_names
-        return get_slice(name, 0, 0, None)
-    if m.fuse == "qkv":
-        ng, d = arch.num_query_groups, arch.head_dim
-        if ng % tp:
-            raise WeightMapError(f"{m.megatron_name}: {ng} query groups do not split over tp={tp}")
-        g0, g1 = rank * ng // tp, (rank + 1) * ng // tp
-        q, k, v = m.hf_names
-        qpg_d = arch.q_per_group * d
-        return fuse_qkv(get_slice(q, 0, g0 * qpg_d, g1 * qpg_d), get_slice(k, 0, g0 * d, g1 * d),
-                        get_slice(v, 0, g0 * d, g1 * d), arch=arch)
-    if m.fuse == "glu":
-        start, stop = chunk_bounds(arch.ffn_hidden_size, tp=tp, rank=rank)
-        return torch.cat([get_slice(n, 0, start, stop) for n in m.hf_names], dim=0)
-    (name,) = m.hf_names
-    if m.tp_split in (COLUMN, ROW):
-        dim = 0 if m.tp_split == COLUMN else 1
-        return get_slice(name, dim, *chunk_bounds(_hf_shapes(arch)[name][dim], tp=tp, rank=rank))
-    if m.tp_split == VOCAB:
-        if arch.vocab_size > padded_vocab:
-            raise WeightMapError(f"vocabulary {arch.vocab_size} is larger than the padded size {padded_vocab}")
-        start, stop = chunk_bounds(padded_vocab, tp=tp, rank=rank)
-        real = get_slice(name, 0, min(start, arch.vocab_size), min(stop, arch.vocab_size))
-        return pad_vocab(real, stop - start)
     raise WeightMapError(f"unknown tp split {m.tp_split!r} for {m.megatron_name}")
 
 
