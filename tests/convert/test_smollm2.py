@@ -45,12 +45,14 @@ def test_smollm2_config_runs_one_sage_step(smollm2, tmp_path):
     import json
 
     from sage_megatron.cli import main
+    from sage_megatron.config import load_config
 
     run = tmp_path / "run"
     assert main(["train", "--config", "configs/smollm2_arith.yaml", f"model.hf_dir={smollm2}",
                  f"model.cache_dir={tmp_path / 'cache'}", "run.steps=1", "run.checkpoint_every=0",
                  "run.export_hf=false", f"run.dir={run}"]) == 0
     [rec] = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert rec["prompts/seen"] == 8 and rec["weight_version"] == 1 and rec["train/update_ok"] == 1.0
+    batch = load_config("configs/smollm2_arith.yaml").data.batch_size
+    assert rec["prompts/seen"] == batch and rec["weight_version"] == 1 and rec["train/update_ok"] == 1.0
     # the 135M policy fails most prompts (it rarely writes \boxed{}): they get hints, level by level
     assert rec["hint/triggered"] >= 1 and rec["hint/hinted_total"] >= rec["hint/triggered"]
