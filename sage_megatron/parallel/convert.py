@@ -5,8 +5,9 @@ A converted checkpoint folder holds:
   hf/                  the HF config and tokenizer files (export writes them back unchanged)
   dist/                megatron-core dist checkpoint (torch_dist), loadable at any TP/PP
 All inputs are checked before any file is written. Import: one process reads each HF tensor once and
-writes megatron-core's torch_dist files directly (``dist_write``), no rank spawned, no model built. Export: streamed from the dist checkpoint's files a group of layers at
-a time, never the whole model (see the Megatron -> HF section).
+writes megatron-core's torch_dist files directly (``dist_write``), no rank spawned, no model built.
+Export: streamed from the dist checkpoint's files a group of layers at a time, never the whole model
+(see the Megatron -> HF section).
 """
 from __future__ import annotations
 
