@@ -372,9 +372,11 @@ class MathVerifier:
 
     def _verify(self, todo: list[tuple[int, str, str]], scores: list[float]) -> None:
         """Send each pair to a free worker, collect replies as they come, enforce both deadlines."""
-        batch_deadline = time.monotonic() + self.batch_timeout_s if self.batch_timeout_s else math.inf
         queue = list(reversed(todo))
         slots = self._ready_slots(min(len(todo), self.num_workers))
+        # From here: the start-up of workers a previous batch killed is bounded by startup_timeout_s, not
+        # charged to this batch (on a slow CPU it took more than a 1 s deadline, scoring a right answer 0.0).
+        batch_deadline = time.monotonic() + self.batch_timeout_s if self.batch_timeout_s else math.inf
         in_flight: dict[int, tuple[int, float]] = {}   # slot -> (pair index, pair deadline)
         while queue or in_flight:
             for slot in slots:
