@@ -49,9 +49,16 @@ def test_corrupt_safetensors_names_the_file(hf, tmp_path):
     assert r.returncode == 2 and f"{f} is not a readable safetensors file" in r.stderr
 
 
-def test_bad_layout_is_refused_before_spawning(hf, tmp_path):
+def test_bad_layout_is_refused_before_writing(hf, tmp_path):
     r = run("hf_to_megatron.py", "--hf-dir", hf, "--out-dir", tmp_path / "o", "--tp", "3")
     assert r.returncode == 2 and "num_attention_heads=4 is not divisible by tp=3: use tp in [1, 2, 4]" in r.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_zero_writer_threads_are_refused_before_writing(hf, tmp_path):
+    r = run("hf_to_megatron.py", "--hf-dir", hf, "--out-dir", tmp_path / "o", "--threads", "0")
+    assert r.returncode == 2 and "the writer needs at least 1 thread (--threads 1)" in r.stderr
+    assert not (tmp_path / "o").exists()
 
 
 def test_existing_output_is_kept_without_overwrite(hf, tmp_path):
