@@ -193,10 +193,10 @@ def summarise(actor: dict, engines: dict | None, batch: TrainBatch) -> dict:
 def print_table(res: dict) -> None:
     a = res["actor"]
     print(f"{'':<28} {'float32':>16} {'bfloat16':>16} {'bf16 speedup':>13}")
-    for phase, key in (("actor forward s", "forward_s"), ("actor train_step s", "train_step_s")):
-        f, b = a["float32"][key], a["bfloat16"][key]
-        sp = a[key.replace("_s", "_speedup_bf16")]
-        print(f"{phase:<28} {f['median']:>7.2f} ({f['min']:.2f}-{f['max']:.2f}) "
+    for label, phase in (("actor forward s", "forward"), ("actor train_step s", "train_step")):
+        f, b = a["float32"][f"{phase}_s"], a["bfloat16"][f"{phase}_s"]
+        sp = a[f"{phase}_speedup_bf16"]
+        print(f"{label:<28} {f['median']:>7.2f} ({f['min']:.2f}-{f['max']:.2f}) "
               f"{b['median']:>6.2f} ({b['min']:.2f}-{b['max']:.2f}) {sp:>10.2f}x")
     if "engine" in res:
         e = res["engine"]
@@ -244,8 +244,7 @@ def main() -> int:
         engines = bench_engines(str(hf_dir), prompts, sequences, n=a.n, max_tokens=a.max_tokens,
                                 temperature=a.temperature, rounds=a.rounds, repeats=a.repeats)
     res = summarise(actor, engines, batch)
-    print_table(res)
-    if a.json:
+    if a.json:                                   # written before the table, so a printing error loses nothing
         from sage_megatron.provenance import provenance
 
         settings = {k: v for k, v in vars(a).items() if k not in ("json", "cache_dir")}
@@ -254,6 +253,7 @@ def main() -> int:
                                             "torch_threads": torch.get_num_threads(), "results": res,
                                             **provenance()}, indent=1))
         print(f"[bench] wrote {a.json}")
+    print_table(res)
     return 0
 
 

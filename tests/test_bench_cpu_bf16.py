@@ -54,3 +54,26 @@ def test_batch_is_arith_prompts_answered_by_their_reference(load_bench, tiny_hf_
         assert row["problem"].split(".")[0] in tok.decode(prompt)
         assert text.replace(" ", "").endswith(f"Theansweris{row['answer']}.")
     assert batch.advantages.tolist() == [1.0, -1.0] * 3
+
+
+def test_summary_ratios_and_table(load_bench, capsys):
+    bench = load_bench("cpu_bf16")
+    mask = torch.tensor([[0.0, 1.0, 1.0]])
+    actor = {"logp": {"float32": torch.tensor([[0.0, -1.0, -2.0]]), "bfloat16": torch.tensor([[0.0, -1.5, -2.0]])},
+             "seconds": {"float32": {"forward": [1.0, 3.0], "train_step": [4.0, 6.0]},
+                         "bfloat16": {"forward": [8.0, 8.0], "train_step": [20.0, 30.0]}},
+             "first_step": {d: {"loss": 0.1, "grad_norm": 2.0} for d in bench.DTYPES}}
+    engines = {"float32": {"tokens_per_s": [100.0, 300.0], "startup_s": [40.0], "prompt_logprobs": [[-1.0, -2.0]]},
+               "bfloat16": {"tokens_per_s": [50.0], "startup_s": [45.0], "prompt_logprobs": [[-1.0, -2.25]]}}
+    batch = bench.TrainBatch(tokens=torch.zeros(1, 3, dtype=torch.long), response_mask=mask,
+                             advantages=torch.ones(1), old_logp=None)
+    res = bench.summarise(actor, engines, batch)
+    assert res["actor"]["forward_speedup_bf16"] == pytest.approx(2.0 / 8.0)      # medians: fp32 / bf16 seconds
+    assert res["actor"]["train_step_speedup_bf16"] == pytest.approx(5.0 / 25.0)
+    assert res["engine"]["decode_speedup_bf16"] == pytest.approx(50.0 / 200.0)   # bf16 / fp32 tokens per second
+    assert res["actor"]["bf16_vs_fp32_logprobs"]["max_abs_token"] == pytest.approx(0.5)
+    assert res["engine"]["float32"]["vs_fp32_actor_logprobs"]["max_abs_token"] == 0.0
+    assert res["engine"]["bfloat16"]["vs_fp32_actor_logprobs"]["max_abs_sequence"] == pytest.approx(0.25)
+    bench.print_table(res)
+    out = capsys.readouterr().out
+    assert "actor train_step s" in out and "0.20x" in out and "engine bfloat16" in out
