@@ -38,6 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.update_packing import rotation  # noqa: E402
 from bench.weight_sync import converted  # noqa: E402
 from sage_megatron.actor.batch import TrainBatch, row_lengths  # noqa: E402
 from sage_megatron.parallel.launch import run_distributed  # noqa: E402
@@ -82,11 +83,6 @@ def make_batch(tokenizer, *, rows: int, seed: int = 0) -> tuple[TrainBatch, list
     return TrainBatch(tokens=tokens, response_mask=mask, advantages=advantages, old_logp=None), prompts
 
 
-def alternate(names: tuple[str, ...], round_index: int) -> list[str]:
-    """The order in a round: reversed every other round, so neither side always goes first."""
-    return list(names) if round_index % 2 == 0 else list(reversed(names))
-
-
 def agreement(logp: torch.Tensor, reference: torch.Tensor, response_mask: torch.Tensor) -> dict[str, float]:
     """|logp - reference| over response tokens (aligned (B, T) tensors): per token max and mean, and the
     per-sequence |sum| max and mean."""
@@ -116,7 +112,7 @@ def _actor_world(ckpt: str, batch: TrainBatch, micro_batch_size: int, repeats: i
     seconds = {d: {"forward": [], "train_step": []} for d in DTYPES}
     first: dict[str, dict] = {}
     for round_index in range(repeats + 1):                              # round 0: warm-up, not timed
-        for d in alternate(DTYPES, round_index):
+        for d in rotation(list(DTYPES), round_index):
             t0 = time.perf_counter()
             actors[d].compute_logprobs(batch)
             t1 = time.perf_counter()
@@ -142,7 +138,7 @@ def bench_engines(hf_dir: str, prompts: list[list[int]], sequences: list[list[in
     sampling = SamplingConfig(n=n, temperature=temperature, max_tokens=max_tokens, seed=0)
     out = {d: {"tokens_per_s": [], "startup_s": [], "prompt_logprobs": None} for d in DTYPES}
     for round_index in range(rounds):
-        for d in alternate(DTYPES, round_index):
+        for d in rotation(list(DTYPES), round_index):
             rollout = RolloutConfig(engine_dtype=d, max_model_len=max_len, kv_cache_gib=1)
             t0 = time.perf_counter()
             pool = RolloutPool(RolloutPoolConfig(engine=engine_config_for(rollout, model_dir=hf_dir, seed=0),

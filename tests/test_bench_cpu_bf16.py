@@ -32,7 +32,7 @@ def test_engine_logprobs_land_on_the_actor_columns(load_bench):
 
 def test_order_alternates_between_rounds(load_bench):
     bench = load_bench("cpu_bf16")
-    assert [bench.alternate(bench.DTYPES, r)[0] for r in range(2)] == ["float32", "bfloat16"]
+    assert [bench.rotation(list(bench.DTYPES), r)[0] for r in range(2)] == ["float32", "bfloat16"]
 
 
 def test_batch_is_arith_prompts_answered_by_their_reference(load_bench, tiny_hf_factory):
