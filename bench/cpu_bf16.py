@@ -1,7 +1,9 @@
 """bf16 against fp32 on this CPU: the actor's update and the engine's decoding, speed and log-prob agreement.
 
     .venv/bin/python bench/cpu_bf16.py --json docs/results/cpu_bf16_smollm2.json
-    .venv/bin/python bench/cpu_bf16.py --rows 16 --repeats 2 --rounds 1        # a quick look
+    .venv/bin/python bench/cpu_bf16.py --rows 4 --repeats 1 --rounds 1 --json docs/results/cpu_bf16_smollm2.json
+    # ^ the committed run: 12 minutes on a 2-core CPU without bf16 instructions, where one bf16 train_step
+    #   on 32 rows takes over 10 minutes, so the default size only suits a CPU with avx512_bf16 or AMX
 
 ``model.dtype`` and ``rollout.engine_dtype`` take ``bfloat16`` on CPU as on GPU; fp32 stays the default
 wherever numbers are compared. This measures what the option costs and buys on the machine it runs on,
