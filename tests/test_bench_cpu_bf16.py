@@ -1,7 +1,7 @@
 """bench/cpu_bf16.py: its pure parts (agreement figures, column placement, order, the batch it times).
 
 The benchmark itself: `python bench/cpu_bf16.py --json OUT` (SmolLM2-135M; on a CPU without bf16
-instructions the reduced `--rows 4 --repeats 1 --rounds 1` took 12 minutes, the default size hours).
+instructions the reduced `--rows 4 --repeats 1 --rounds 1` took 12 minutes, the default size over an hour).
 """
 from __future__ import annotations
 
