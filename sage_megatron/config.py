@@ -177,6 +177,11 @@ class AlgorithmConfig:
     """Loss aggregation over the mini-batch."""
     mask_truncated: bool = False
     """DAPO overlong filtering: responses cut at rollout.max_tokens get advantage 0 (no policy gradient)."""
+    overlong_buffer: int = 0
+    """DAPO soft overlong punishment: a response's reward, for its advantage only, falls linearly by up to
+    overlong_penalty over its last overlong_buffer tokens before rollout.max_tokens; 0 = off."""
+    overlong_penalty: float = 1.0
+    """The soft overlong punishment at rollout.max_tokens (DAPO: 1, the reward of a correct answer)."""
 
 
 @dataclass(frozen=True)
@@ -450,6 +455,9 @@ def validate(cfg: Config) -> None:
     need(0 < r.top_p <= 1, f"rollout.top_p={r.top_p} must be in (0, 1]")
     need(a.levels >= 1, f"algorithm.levels={a.levels} must be >= 1")
     need(a.clip_c is None or a.clip_c > 1, f"algorithm.clip_c={a.clip_c} must be > 1 (or null)")
+    need(0 <= a.overlong_buffer < r.max_tokens, f"algorithm.overlong_buffer={a.overlong_buffer} must be in "
+         f"[0, rollout.max_tokens={r.max_tokens}) (0 = no soft overlong punishment)")
+    need(a.overlong_penalty >= 0, f"algorithm.overlong_penalty={a.overlong_penalty} must be >= 0")
     need(a.kl_coef >= 0, f"algorithm.kl_coef={a.kl_coef} must be >= 0")
     need(a.light_escalate_only or a.light_min_threshold <= a.light_max_threshold,
          f"algorithm.light_min_threshold={a.light_min_threshold} > light_max_threshold={a.light_max_threshold}")

@@ -50,7 +50,8 @@ def training_loop(t: "Trainer") -> dict:
         with timer.phase("step"):
             out = t.broadcast(t.rollout_with_hints(step) if t.rank == 0 else None)    # rank 0 samples
             with timer.phase("advantages"):
-                batches = t.mini_batches(out.groups, step_advantages(out.groups, cfg.algorithm))
+                batches = t.mini_batches(out.groups, step_advantages(out.groups, cfg.algorithm,
+                                                                          max_tokens=cfg.rollout.max_tokens))
             with timer.phase("logprob"):
                 batches, logp_gap = t.old_logprobs(batches)
             with timer.phase("ref_logprob"):

@@ -57,6 +57,15 @@ def test_validate_reports_every_problem_at_once():
         assert part in msg
 
 
+def test_overlong_buffer_must_fit_inside_max_tokens():
+    cfg = load_config(None, ["rollout.max_tokens=96", "algorithm.overlong_buffer=96", "algorithm.overlong_penalty=-1"])
+    with pytest.raises(ConfigError) as e:
+        validate(cfg)
+    assert "algorithm.overlong_buffer=96 must be in [0, rollout.max_tokens=96)" in str(e.value)
+    assert "algorithm.overlong_penalty=-1.0 must be >= 0" in str(e.value)
+    validate(load_config(None, ["rollout.max_tokens=96", "algorithm.overlong_buffer=32"]))
+
+
 def test_reward_keys_are_checked():
     cfg = load_config(None, ["reward.extractor=final", "reward.workers=0", "reward.timeout_s=10",
                              "reward.batch_timeout_s=5"])

@@ -13,6 +13,7 @@ from sage_megatron.algo.advantages import (
     grpo_advantages_ragged,
     is_zero_advantage,
     mask_truncated,
+    overlong_penalty,
     step_advantages,
     zero_advantage_mask,
 )
@@ -106,6 +107,38 @@ def test_mask_truncated_zeroes_only_responses_cut_at_max_tokens():
 
     assert step_advantages([group], AlgorithmConfig(mask_truncated=True)) == out
     assert step_advantages([group], AlgorithmConfig()) == adv
+
+
+def test_overlong_penalty_ramps_over_the_buffer_before_max_tokens():
+    # DAPO's formula with L_max = 96, L_cache = 32: 0 up to 64 tokens, ((96 - 32) - len) / 32 after.
+    assert [overlong_penalty(n, max_tokens=96, buffer=32) for n in (10, 64, 65, 80, 96)] == \
+        [0.0, 0.0, -1 / 32, -0.5, -1.0]
+    assert overlong_penalty(80, max_tokens=96, buffer=32, penalty=0.5) == -0.25
+    assert overlong_penalty(96, max_tokens=96, buffer=0) == 0.0
+
+
+def test_step_advantages_rank_long_failures_below_short_ones_and_keep_the_rewards():
+    # All three answers wrong: without the penalty the group has no signal; with it, the 96-token (cut)
+    # answer is below the 80-token one, which is below the short one. Rewards shaped: [0, -0.5, -1].
+    from sage_megatron.config import AlgorithmConfig
+
+    def sample(n, reason="stop"):
+        return Sample(uid="s", prompt_ids=(1,), response_ids=[2] * n, logprobs=[-0.1] * n, finish_reason=reason,
+                      weight_version=0)
+
+    group = PromptGroup(uid="g", row_index=0, prompt_ids=(1,), rewards=[0.0, 0.0, 0.0],
+                        samples=[sample(20), sample(80), sample(96, "length")])
+    assert step_advantages([group], AlgorithmConfig(), max_tokens=96)["g"] == [0.0, 0.0, 0.0]
+    shaped = torch.tensor([[0.0, -0.5, -1.0]])
+    expected = ((shaped - shaped.mean()) / (shaped.std() + EPS))[0].tolist()
+    out = step_advantages([group], AlgorithmConfig(overlong_buffer=32), max_tokens=96)["g"]
+    assert out == pytest.approx(expected, rel=1e-6) and out[0] > out[1] > out[2]
+    assert group.rewards == [0.0, 0.0, 0.0]                 # accuracy and hint triggers read these
+    # with overlong filtering as well, the cut answer adds no gradient; the others keep their shaped values
+    both = step_advantages([group], AlgorithmConfig(overlong_buffer=32, mask_truncated=True), max_tokens=96)["g"]
+    assert both == pytest.approx(expected[:2] + [0.0], rel=1e-6)
+    with pytest.raises(ValueError, match="needs max_tokens above it"):
+        step_advantages([group], AlgorithmConfig(overlong_buffer=32))
 
 
 def test_zero_advantage_detection_and_broadcast():
