@@ -157,8 +157,8 @@ class AlgorithmConfig:
     """SAGE-light: de-escalate when last accuracy > this (reference code)."""
     light_escalate_only: bool = False
     """SAGE-light: the paper's rule (only escalate)."""
-    std_mode: Literal["unbiased", "population"] = "unbiased"
-    """Advantage std: unbiased (reference code, default) or population (paper)."""
+    std_mode: Literal["unbiased", "population", "none"] = "unbiased"
+    """Advantage std: unbiased (reference code, default), population (paper), or none (Dr. GRPO: no division)."""
     adv_eps: float = 1e-6
     """Advantage denominator eps."""
     clip_low: float = 0.2

@@ -2,7 +2,10 @@
 
 std_mode:
   "unbiased"   (DEFAULT) std with 1/(G-1), as the SAGE reference code (verl's torch.std) computes it;
-  "population" std with 1/G, as the paper writes it.
+  "population" std with 1/G, as the paper writes it;
+  "none"       no division: A_i = R_i - mean_g R (Dr. GRPO; verl's norm_adv_by_std_in_grpo=False), so a
+               group's advantages keep the scale of its reward differences (a small length penalty stays
+               small instead of being scaled up to a correct answer's weight in a group where all fail).
 eps = 1e-6 in both. A group of one sample (G = 1) has mean 0 and std 1, so A = R (verl's convention;
 "unbiased" std is undefined there). A group whose rewards are all equal has A = 0 for every sample:
 it carries no learning signal ("zero-advantage group"); with SAGE that is what hints try to fix.
@@ -18,7 +21,7 @@ import torch
 
 from sage_megatron.types import PromptGroup
 
-StdMode = Literal["unbiased", "population"]
+StdMode = Literal["unbiased", "population", "none"]
 DEFAULT_STD_MODE: StdMode = "unbiased"
 DEFAULT_EPS = 1e-6
 
@@ -36,6 +39,8 @@ def grpo_advantages(rewards: torch.Tensor, *, std_mode: StdMode = DEFAULT_STD_MO
     if r.shape[1] == 1:
         return r.to(out_dtype)  # mean 0, std 1 (see module docstring)
     mean = r.mean(dim=1, keepdim=True)                                     # (N, 1)
+    if _correction(std_mode) is None:
+        return (r - mean).to(out_dtype)
     std = r.std(dim=1, keepdim=True, correction=_correction(std_mode))    # (N, 1)
     return ((r - mean) / (std + eps)).to(out_dtype)
 
@@ -53,11 +58,14 @@ def grpo_advantages_ragged(rewards: torch.Tensor, group_index: torch.Tensor, *,
     k = int(group_index.max().item()) + 1 if group_index.numel() else 0
     count = torch.zeros(k, dtype=torch.float64).index_add_(0, group_index, torch.ones_like(r))    # (K,)
     mean = torch.zeros(k, dtype=torch.float64).index_add_(0, group_index, r) / count.clamp(min=1)
-    sq = torch.zeros(k, dtype=torch.float64).index_add_(0, group_index, (r - mean[group_index]) ** 2)
-    denom = (count - _correction(std_mode)).clamp(min=1)
-    std = (sq / denom).sqrt()
     single = count[group_index] == 1
-    adv = (r - mean[group_index]) / (std[group_index] + eps)
+    correction = _correction(std_mode)
+    if correction is None:
+        adv = r - mean[group_index]
+    else:
+        sq = torch.zeros(k, dtype=torch.float64).index_add_(0, group_index, (r - mean[group_index]) ** 2)
+        std = (sq / (count - correction).clamp(min=1)).sqrt()
+        adv = (r - mean[group_index]) / (std[group_index] + eps)
     return torch.where(single, r, adv).to(_float_dtype(rewards))
 
 
@@ -163,9 +171,12 @@ def _float_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype if x.is_floating_point() else torch.float32
 
 
-def _correction(std_mode: str) -> int:
+def _correction(std_mode: str) -> int | None:
+    """The std's degrees-of-freedom correction, or None for no division ("none")."""
     if std_mode == "unbiased":
         return 1
     if std_mode == "population":
         return 0
-    raise ValueError(f"std_mode must be 'unbiased' or 'population', got {std_mode!r}")
+    if std_mode == "none":
+        return None
+    raise ValueError(f"std_mode must be 'unbiased', 'population' or 'none', got {std_mode!r}")

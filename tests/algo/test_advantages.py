@@ -46,6 +46,17 @@ def test_population_std():
     torch.testing.assert_close(a, expected)
 
 
+def test_no_std_division_keeps_the_reward_scale():
+    # Dr. GRPO: A = R - mean. [1,0,0,0] -> [0.75, -0.25, ...]; a 0.2 length penalty on one of four failures
+    # stays 0.15 / 0.05 (std-normalised it would be +-0.87 / 0.29, as large as a correct answer's weight).
+    r = torch.tensor([[1.0, 0, 0, 0], [0.0, 0, 0, -0.2]])
+    expected = torch.tensor([[0.75, -0.25, -0.25, -0.25], [0.05, 0.05, 0.05, -0.15]])
+    torch.testing.assert_close(grpo_advantages(r, std_mode="none"), expected)
+    flat = grpo_advantages_ragged(r.flatten(), torch.tensor([0, 0, 0, 0, 1, 1, 1, 1]), std_mode="none")
+    torch.testing.assert_close(flat, expected.flatten())
+    torch.testing.assert_close(grpo_advantages(torch.tensor([[0.7]]), std_mode="none"), torch.tensor([[0.7]]))
+
+
 def test_equal_rewards_give_zero_and_single_sample_keeps_reward():
     assert torch.equal(grpo_advantages(torch.tensor([[1.0, 1, 1], [0.0, 0, 0]])), torch.zeros(2, 3))
     # G = 1: mean 0, std 1 (verl) -> A = R
