@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--config", default=None, help="take model, sets and sampling from this run config")
     e.add_argument("--model", default=None, help="HF model folder (default: the config's model)")
     e.add_argument("--data", nargs="+", default=None,
-                   help="one or more sets: .jsonl/.json/.parquet, 'toy' or 'arith'")
+                   help="one or more sets: .jsonl/.json/.parquet, 'toy', 'arith' or 'arith_small'")
     e.add_argument("--k", type=int, default=4)
     e.add_argument("--temperature", type=float, default=1.0)
     e.add_argument("--top-p", type=float, default=1.0)

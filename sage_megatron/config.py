@@ -199,8 +199,9 @@ class OptimConfig:
 @dataclass(frozen=True)
 class DataConfig:
     train: str = "toy"
-    """Training rows (.jsonl/.json/.parquet); "toy" = the embedded toy task's train split; "arith" = the
-    generated arithmetic word problems (tasks/arith_data.py), written once into model.cache_dir."""
+    """Training rows (.jsonl/.json/.parquet); "toy" = the embedded toy task's train split; "arith" /
+    "arith_small" = the generated arithmetic word problems (tasks/arith_data.py; numbers up to 40 / 12),
+    written once into model.cache_dir."""
     problem_key: str = "problem"
     """Column of the problem."""
     solution_key: str = "solution"
@@ -238,7 +239,7 @@ class RewardConfig:
 class EvalConfig:
     data: str = "toy"
     """Held-out rows (no hints); "toy" = the toy task's held-out split (every training difficulty, balanced,
-    problems never seen in training); "arith" = generated arithmetic word problems not in data.train="arith";
+    problems never seen in training); "arith" / "arith_small" = that generated set's held-out problems;
     "" = no evaluation."""
     k: int = 4
     """avg@k: samples per prompt."""
@@ -470,10 +471,13 @@ def validate(cfg: Config) -> None:
     need(d.batch_size >= 1, f"data.batch_size={d.batch_size} must be >= 1")
     need(o.mini_batches <= d.batch_size and d.batch_size % o.mini_batches == 0,
          f"data.batch_size={d.batch_size} must be a multiple of optim.mini_batches={o.mini_batches}")
-    need(d.train in ("toy", "arith") or Path(d.train).is_file(),
-         f"data.train={d.train!r}: no such file (or use 'toy' or 'arith')")
-    need(cfg.eval.data in ("", "toy", "arith") or Path(cfg.eval.data).is_file(),
-         f"eval.data={cfg.eval.data!r}: no such file (or 'toy', 'arith', or '' for no evaluation)")
+    from sage_megatron.tasks.arith_data import SETS as ARITH_SETS
+
+    generated = ("toy", *ARITH_SETS)
+    need(d.train in generated or Path(d.train).is_file(),
+         f"data.train={d.train!r}: no such file (or use one of {', '.join(generated)})")
+    need(cfg.eval.data in ("", *generated) or Path(cfg.eval.data).is_file(),
+         f"eval.data={cfg.eval.data!r}: no such file (or one of {', '.join(generated)}, or '' for no evaluation)")
     from sage_megatron.algo.reward import ANSWER_EXTRACTORS
 
     rw = cfg.reward

@@ -1,5 +1,5 @@
 """What a run starts from: the policy (resolved, cached and converted to a Megatron checkpoint once) and
-its prompt files ("toy" and "arith" are generated into the cache on first use)."""
+its prompt files (the generated sets "toy", "arith" and "arith_small" are written into the cache on first use)."""
 from __future__ import annotations
 
 import hashlib
@@ -37,28 +37,32 @@ def toy_data_paths(cache_dir: Path, *, seed: int = 0) -> dict[str, Path]:
     return files
 
 
-def eval_data_path(name: str, cache_dir: Path, *, seed: int = 0) -> Path:
-    """eval.data as a file: "toy" and "arith" are generated once into the cache (held out from training)."""
-    if name == "toy":
-        return toy_data_paths(cache_dir, seed=seed)["heldout"]
-    if name == "arith":
-        from sage_megatron.tasks.arith_data import VERSION as ARITH_VERSION, write_arith_heldout
+def generated_data_paths(name: str, cache_dir: Path, *, seed: int = 0) -> dict[str, Path] | None:
+    """The train and held-out files of a generated set ("toy", "arith", "arith_small"), written into the
+    cache on first use; None when ``name`` is not one (a file path)."""
+    from sage_megatron.tasks import arith_data
 
-        path = cache_dir / f"arith_data-v{ARITH_VERSION}-seed{seed}" / "heldout.jsonl"
-        return path if path.is_file() else write_arith_heldout(path, seed=seed)
-    return Path(name).absolute()
+    if name == "toy":
+        return toy_data_paths(cache_dir, seed=seed)
+    if name not in arith_data.SETS:
+        return None
+    out = cache_dir / f"{name}_data-v{arith_data.VERSION}-seed{seed}"
+    files = {"train": out / "train.jsonl", "heldout": out / "heldout.jsonl"}
+    if not all(p.is_file() for p in files.values()):
+        return arith_data.write_arith_set(out, name=name, seed=seed)
+    return files
+
+
+def eval_data_path(name: str, cache_dir: Path, *, seed: int = 0) -> Path:
+    """eval.data as a file: a generated set's held-out split (never in its training split), or a file."""
+    generated = generated_data_paths(name, cache_dir, seed=seed)
+    return generated["heldout"] if generated else Path(name).absolute()
 
 
 def train_data_path(cfg: Config, cache_dir: Path) -> Path:
-    """data.train as a file: "toy" and "arith" are generated once into the cache."""
-    if cfg.data.train == "toy":
-        return toy_data_paths(cache_dir, seed=cfg.data.seed)["train"]
-    if cfg.data.train == "arith":
-        from sage_megatron.tasks.arith_data import VERSION as ARITH_VERSION, write_arith_dataset
-
-        path = cache_dir / f"arith_data-v{ARITH_VERSION}-seed{cfg.data.seed}" / "train.jsonl"
-        return path if path.is_file() else write_arith_dataset(path, seed=cfg.data.seed)
-    return Path(cfg.data.train).absolute()
+    """data.train as a file: a generated set's training split, or a file."""
+    generated = generated_data_paths(cfg.data.train, cache_dir, seed=cfg.data.seed)
+    return generated["train"] if generated else Path(cfg.data.train).absolute()
 
 
 def resolve_model(cfg: Config) -> Path:

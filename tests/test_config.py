@@ -76,6 +76,9 @@ def test_reward_keys_are_checked():
                  "reward.workers=0", "reward.timeout_s=10.0 must be > 0 and <= reward.batch_timeout_s=5.0"):
         assert part in msg
     validate(load_config(None, ["reward.extractor=last_number", "eval.data=arith", "algorithm.templates=arith"]))
+    validate(load_config(None, ["data.train=arith_small", "eval.data=arith_small", "algorithm.templates=arith"]))
+    with pytest.raises(ConfigError, match=r"eval.data='arith_big': no such file \(or one of toy, arith, arith_small"):
+        validate(load_config(None, ["eval.data=arith_big"]))
 
 
 def test_layout_checked_against_the_model(tiny_hf_factory):
