@@ -9,6 +9,7 @@ now?"), the reference solution one sentence per operation ("Mia starts with 12 a
 more: 12 + 7 = 19. ..."), and the integer answer. Difficulty grows with the number of operations,
 and a prefix of the solution makes a long item easy, which is what SAGE's hints need. Rows use the
 trainer's data format ``{index, problem, solution, answer, steps}``; the same seed gives the same file.
+Two named sets (``SETS``): "arith" (starting numbers and addends up to 40) and "arith_small" (up to 12).
 """
 from __future__ import annotations
 
