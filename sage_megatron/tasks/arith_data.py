@@ -20,10 +20,11 @@ from pathlib import Path
 VERSION = 2   # bump when the generated rows change (the cache folder is named by it)
 TEMPLATE_DIR = Path(__file__).parent / "templates" / "arith"   # prompts a small model can follow
 NAMES = ("Mia", "Leo", "Ava", "Noah", "Zoe", "Sam", "Ivy", "Max")
+DEFAULT_MAX_NUMBER = 40   # largest starting number and addend of "arith" (its rows must not change)
 ITEMS = ("apples", "marbles", "stickers", "coins", "books", "pencils", "cards", "shells")
 
 
-def _operation(rng: random.Random, value: int, max_number: int = 40) -> tuple[str, str, int]:
+def _operation(rng: random.Random, value: int, max_number: int = DEFAULT_MAX_NUMBER) -> tuple[str, str, int]:
     """(story clause, solution clause, new value) of one operation on ``value`` (results stay 0..999)."""
     kind = rng.choice(("add", "sub", "mul", "div") if value > 1 else ("add", "mul"))
     if kind == "add":
@@ -45,7 +46,7 @@ def _operation(rng: random.Random, value: int, max_number: int = 40) -> tuple[st
     return f"{word} the collection", f"{word} them: {value} * {k} = {value * k}", value * k
 
 
-def make_row(index: int, rng: random.Random, steps: int, max_number: int = 40) -> dict:
+def make_row(index: int, rng: random.Random, steps: int, max_number: int = DEFAULT_MAX_NUMBER) -> dict:
     """One problem with ``steps`` operations; ``steps=0`` is a bare sum ("What is 12 + 7?"). Starting
     numbers and addends are at most ``max_number``."""
     if steps == 0:
@@ -68,7 +69,7 @@ def make_row(index: int, rng: random.Random, steps: int, max_number: int = 40) -
 
 
 MIN_STEPS, MAX_STEPS = 0, 3   # difficulty levels: a bare sum, then word problems of 1..3 operations
-SETS = {"arith": 40, "arith_small": 12}
+SETS = {"arith": DEFAULT_MAX_NUMBER, "arith_small": 12}
 """The named generated sets and their largest starting number and addend. With "arith_small" the sums
 are within SmolLM2-135M's reach, yet it answers only part of them (temperature 0.6, 24 held-out prompts x 4
 per level: 0.32, 0.10, 0.04, 0.03 for 0-3 operations): it often writes the right sum, then rambles on to
@@ -76,7 +77,7 @@ other numbers. Those mixed groups are what GRPO learns from (configs/smollm2_ari
 
 
 def make_rows(n: int, *, seed: int = 0, min_steps: int = MIN_STEPS, max_steps: int = MAX_STEPS,
-              max_number: int = 40) -> list[dict]:
+              max_number: int = DEFAULT_MAX_NUMBER) -> list[dict]:
     """``n`` rows, operations min_steps..max_steps in equal shares, deterministic in ``seed``."""
     rng = random.Random(f"arith/{seed}")
     levels = max_steps - min_steps + 1
@@ -84,7 +85,7 @@ def make_rows(n: int, *, seed: int = 0, min_steps: int = MIN_STEPS, max_steps: i
 
 
 def make_heldout_rows(n: int, *, seed: int = 0, train_n: int = 256, min_steps: int = MIN_STEPS,
-                      max_steps: int = MAX_STEPS, max_number: int = 40) -> list[dict]:
+                      max_steps: int = MAX_STEPS, max_number: int = DEFAULT_MAX_NUMBER) -> list[dict]:
     """``n`` held-out rows (operations min_steps..max_steps in equal shares) whose problems are not among
     the ``train_n`` training rows of the same ``seed``."""
     seen = {r["problem"] for r in make_rows(train_n, seed=seed, min_steps=min_steps, max_steps=max_steps,
