@@ -149,6 +149,11 @@ class AlgorithmConfig:
     """SAGE, policy hints: draw every prompt's hint (and retries) alongside the unhinted rollout, in the
     same engine batch, and use those of the prompts that trigger (SageHinting ``speculative_hints``):
     no wait for hints after the rollout, at the cost of the hints of prompts that do not trigger."""
+    levels_ahead: bool = False
+    """SAGE: draw the hinted groups of all L levels of every hinted prompt in one engine batch, then
+    escalate over them level by level exactly as when each level is drawn after the previous one
+    failed (SageHinting ``speculative_levels``): one decode wait instead of up to L, at the cost of the
+    groups of levels escalation does not reach (logged as hint/groups_drawn_unused)."""
     prefix_fractions: tuple[float, ...] | None = None
     """reference_prefix: share of solution lines per level (None: l / L)."""
     light_min_threshold: float = 0.1

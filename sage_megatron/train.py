@@ -389,7 +389,8 @@ def build_hinting(cfg: Config, *, encode):
     if a.name == "sage":
         return S.SageHinting(settings, hint_source=source, levels=a.levels, trigger=a.trigger,
                              trigger_threshold=a.trigger_threshold, mode=a.mode, mix_count=a.mix_count,
-                             loss_context=a.loss_context, speculative_hints=a.hint_ahead)
+                             loss_context=a.loss_context, speculative_hints=a.hint_ahead,
+                             speculative_levels=a.levels_ahead)
     schedule = S.SageLightSchedule(levels=a.levels, min_threshold=a.light_min_threshold,
                                    max_threshold=a.light_max_threshold, escalate_only=a.light_escalate_only)
     return S.SageLightHinting(settings, hint_source=source, schedule=schedule, loss_context=a.loss_context)

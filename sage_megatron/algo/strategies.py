@@ -107,15 +107,21 @@ def _answer_requests(jobs: Sequence[_Job], settings: RolloutSettings) -> list[Ro
 
 
 def _rollout(jobs: Sequence[_Job], *, settings: RolloutSettings, sampler: Sampler, reward_fn: RewardFn,
-             timer: PhaseTimer, phase: str, alongside: Sequence[tuple[Sequence[RolloutRequest], SamplingConfig]] = ()
+             timer: PhaseTimer, phase: str, alongside: Sequence[tuple[Sequence[RolloutRequest], SamplingConfig]] = (),
+             drawn: Mapping[str, list[Sample]] | None = None
              ) -> tuple[dict[str, PromptGroup], dict[str, list[Sample]]]:
     """Samples G responses per job, scores them, and returns the groups keyed by job uid, with the
-    outputs of the ``alongside`` batches (drawn in the same sampler call) keyed by their uids."""
+    outputs of the ``alongside`` batches (drawn in the same sampler call) keyed by their uids.
+    ``drawn``: outputs drawn earlier (SAGE's levels drawn ahead); when it holds every job's uid, nothing
+    is sampled and only those jobs' samples are scored."""
     if not jobs:
         return {}, {}
     requests = _answer_requests(jobs, settings)
-    with timer.phase(phase):
-        outputs = generate_together(sampler, [(requests, settings.sampling), *alongside])
+    if drawn is not None and not alongside and all(r.uid in drawn for r in requests):
+        outputs: Mapping[str, list[Sample]] = drawn
+    else:
+        with timer.phase(phase):
+            outputs = generate_together(sampler, [(requests, settings.sampling), *alongside])
     for request in requests:
         samples = outputs.get(request.uid)
         if not samples:
@@ -211,12 +217,20 @@ class SageHinting:
                    the wait: with the pool, hint decoding runs in the engines' batch next to the
                    rollout instead of after it. Costs the hints of rows that do not trigger.
                    Off: hints for the triggered rows only, after the rollout.
+    speculative_levels: the hinted groups of ALL levels 1..L of every prompt with hints are drawn in
+                   ONE sampler call; escalation then reads them level by level and stops where it
+                   would have stopped (scoring only the levels it reaches), so the groups trained on
+                   are chosen exactly as when each level is drawn after the previous one failed. One
+                   decode wait instead of up to L; costs the groups of levels escalation does not reach
+                   (``hint/groups_drawn_unused``). Off: level l + 1 is drawn for the prompts level l
+                   left unresolved.
     """
 
     def __init__(self, settings: RolloutSettings, *, hint_source: HintSource, levels: int = 3,
                  trigger: Literal["all_wrong", "threshold"] = "all_wrong", trigger_threshold: float = 0.0,
                  mode: Literal["replace", "mix"] = "replace", mix_count: int = 1,
-                 loss_context: Literal["hinted", "original"] = "hinted", speculative_hints: bool = True) -> None:
+                 loss_context: Literal["hinted", "original"] = "hinted", speculative_hints: bool = True,
+                 speculative_levels: bool = False) -> None:
         if getattr(hint_source, "levels", levels) != levels:
             raise ValueError(f"hint source writes {hint_source.levels} levels but SAGE escalates over {levels}")
         _check_choice("trigger", trigger, ("all_wrong", "threshold"))
@@ -233,6 +247,7 @@ class SageHinting:
         self.mix_count = mix_count
         self.loss_context = loss_context
         self.speculative_hints = speculative_hints
+        self.speculative_levels = speculative_levels
 
     def triggered(self, rewards: Sequence[float]) -> bool:
         """Whether a group counts as unresolved (and gets hints)."""
@@ -260,12 +275,23 @@ class SageHinting:
             "hint/parse_failures": sum(h.parse_failures for h in hints.values()),
             "hint/written_ahead": sum(len(requests) for requests, _ in ahead),
         }
+
+        def level_jobs(level: int, uids: Sequence[str]) -> list[_Job]:
+            return [_Job(uid=f"{u}/h{level}", row=row_of[u], hint_level=level, hint_text=hints[u].hints[level])
+                    for u in uids]
+
+        levels_drawn: dict[str, list[Sample]] | None = None
+        if self.speculative_levels and pending:
+            every_level = [job for level in range(1, self.levels + 1) for job in level_jobs(level, pending)]
+            with timer.phase("hint_rollout"):
+                levels_drawn = generate_together(sampler, [(_answer_requests(every_level, self.settings),
+                                                            self.settings.sampling)])
         last_tried: dict[str, PromptGroup] = {}
+        groups_reached = 0
         for level in range(1, self.levels + 1):
-            jobs = [_Job(uid=f"{u}/h{level}", row=row_of[u], hint_level=level, hint_text=hints[u].hints[level])
-                    for u in pending]
-            hinted, _ = _rollout(jobs, settings=self.settings, sampler=sampler, reward_fn=reward_fn, timer=timer,
-                                 phase="hint_rollout")
+            hinted, _ = _rollout(level_jobs(level, pending), settings=self.settings, sampler=sampler,
+                                 reward_fn=reward_fn, timer=timer, phase="hint_rollout", drawn=levels_drawn)
+            groups_reached += len(pending)
             still = []
             for u in pending:
                 group = last_tried[u] = hinted[f"{u}/h{level}"]
@@ -278,6 +304,8 @@ class SageHinting:
             metrics[f"hint/success_rate_l{level}"] = (len(pending) - len(still)) / len(pending) if pending else 0.0
             pending = still
         metrics["hint/unresolved_after"] = len(pending)
+        if levels_drawn is not None:
+            metrics["hint/groups_drawn_unused"] = metrics["hint/hinted_l1"] * self.levels - groups_reached
         final = {u: base[u] for u in row_of}
         mixed = 0
         for u, group in last_tried.items():

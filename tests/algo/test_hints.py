@@ -240,6 +240,34 @@ def test_hints_drawn_ahead_give_the_groups_of_hints_written_after():
     assert [g.uid for g in plain.groups] == [g.uid for g in after.groups]
 
 
+def test_levels_drawn_ahead_give_the_groups_of_levels_drawn_one_by_one():
+    """speculative_levels: levels 1..L of every hinted prompt in ONE call; escalation reads them in order
+    and stops where the level-by-level run stops: same groups, same metrics, only reached levels scored."""
+    one_by_one_policy, one_by_one = run_sage(speculative_hints=False)
+    scored = []
+
+    def counting_reward(pairs):
+        scored.append(len(pairs))
+        return reward_fn(pairs)
+
+    policy = ScriptedPolicy(need=NEED, bad_hints={4})
+    sage = SageHinting(settings(), hint_source=hint_source(max_retries=2), speculative_hints=False,
+                       speculative_levels=True)
+    ahead = sage.apply(rows(0, 1, 2, 3, 4, 5), step=7, sampler=policy, reward_fn=counting_reward)
+    hinted = ["s7/r1", "s7/r2", "s7/r3", "s7/r5"]          # P4's hint never parses: not re-sampled
+    assert policy.answer_uids() == [one_by_one_policy.answer_uids()[0],
+                                    [f"{u}/h{level}" for level in (1, 2, 3) for u in hinted]]
+    assert policy.hint_uids() == one_by_one_policy.hint_uids()
+    assert [(g.uid, g.prompt_ids, g.rewards, g.hint_text) for g in ahead.groups] == \
+        [(g.uid, g.prompt_ids, g.rewards, g.hint_text) for g in one_by_one.groups]
+    assert ahead.solved_rows == one_by_one.solved_rows
+    same = {k: v for k, v in one_by_one.metrics.items() if k.startswith(("hint/", "acc/"))}
+    assert len(same) == 16 and {k: ahead.metrics[k] for k in same} == same
+    # 4 prompts x 3 levels drawn; escalation reached 4 + 3 + 2 groups, and scored only those
+    assert ahead.metrics["hint/groups_drawn_unused"] == 3 and "hint/groups_drawn_unused" not in one_by_one.metrics
+    assert scored == [6 * G, 4 * G, 3 * G, 2 * G]
+
+
 def test_sage_escalates_only_the_unresolved_subset():
     policy, out = run_sage(speculative_hints=False)
     # unhinted rollout of all; hints for the 5 unresolved (P4 retried: 2 samples, one call); then only the unresolved
