@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sage_megatron.provenance import provenance  # noqa: E402
 
+
 class TokenCountingSampler:
     """A StepSampler that counts the tokens it decodes (every sample's response, hints included) and
     its engine calls: what each side asks of the engine, beside what it costs in seconds."""
@@ -104,8 +105,9 @@ def main() -> int:
         vals = [r.get(key, 0.0) for r in rows]
         return {"median": statistics.median(vals), "min": min(vals), "max": max(vals), "all": vals}
 
-    keys = ("seconds", "tokens_decoded", "engine_calls", "time/rollout", "time/reward", "time/hint_gen", "time/hint_rollout", "hint/triggered",
-            "hint/written_ahead", "hint/parse_failures", "hint/groups_drawn_unused")
+    keys = ("seconds", "tokens_decoded", "engine_calls", "time/rollout", "time/reward", "time/hint_gen",
+            "time/hint_rollout", "hint/triggered", "hint/written_ahead", "hint/parse_failures",
+            "hint/groups_drawn_unused")
     result = {side: {k: summary(per_side[side], k) for k in keys} for side in SIDES}
     med = {side: result[side]["seconds"]["median"] for side in SIDES}
     result["ahead_over_after"] = med["sage_ahead"] / med["sage_after"]

@@ -287,11 +287,9 @@ class SageHinting:
                 levels_drawn = generate_together(sampler, [(_answer_requests(every_level, self.settings),
                                                             self.settings.sampling)])
         last_tried: dict[str, PromptGroup] = {}
-        groups_reached = 0
         for level in range(1, self.levels + 1):
             hinted, _ = _rollout(level_jobs(level, pending), settings=self.settings, sampler=sampler,
                                  reward_fn=reward_fn, timer=timer, phase="hint_rollout", drawn=levels_drawn)
-            groups_reached += len(pending)
             still = []
             for u in pending:
                 group = last_tried[u] = hinted[f"{u}/h{level}"]
@@ -305,7 +303,8 @@ class SageHinting:
             pending = still
         metrics["hint/unresolved_after"] = len(pending)
         if levels_drawn is not None:
-            metrics["hint/groups_drawn_unused"] = metrics["hint/hinted_l1"] * self.levels - groups_reached
+            reached = sum(metrics[f"hint/hinted_l{level}"] for level in range(1, self.levels + 1))
+            metrics["hint/groups_drawn_unused"] = metrics["hint/hinted_l1"] * self.levels - reached
         final = {u: base[u] for u in row_of}
         mixed = 0
         for u, group in last_tried.items():
