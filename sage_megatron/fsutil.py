@@ -1,9 +1,11 @@
-"""Atomic output directories: write under a temporary sibling, rename when complete."""
+"""Files: atomic output directories (write under a temporary sibling, rename when complete), and where
+files shared between processes of one host go."""
 from __future__ import annotations
 
 import contextlib
 import os
 import shutil
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -37,3 +39,18 @@ def atomic_output_dir(out_dir: str | Path, *, overwrite: bool = False):
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(tmp, out)
+
+
+def shm_directory() -> str:
+    """Where files shared between processes of one host go: /dev/shm (memory) where it exists, else the
+    temp directory."""
+    return "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+
+
+def file_identity(path: str) -> list[int] | None:
+    """``[st_dev, st_ino]`` of ``path`` as this process sees it; None if it cannot see it."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return [st.st_dev, st.st_ino]

@@ -47,3 +47,19 @@ def test_engine_settings_come_from_the_rollout_config():
     assert dict(eng.extra_llm_kwargs) == {"enable_chunked_prefill": False, "max_num_batched_tokens": 4096}
     on = engine_config_for(RolloutConfig(chunked_prefill=True), model_dir="/m", seed=0)
     assert dict(on.extra_llm_kwargs)["enable_chunked_prefill"] is True
+
+
+def test_repack_timing_packs_every_linear_of_a_llama_layout(load_bench, tmp_path):
+    """bench/weight_sync.py times vLLM's own oneDNN re-pack of the synced weights: every fused qkv / gate_up, o and
+    down projection and the (tied) lm_head of an HF Llama state, by name (a missing name raises), in fp32."""
+    from safetensors.torch import load_file
+
+    from sage_megatron.testing.tiny_models import make_tiny_hf_model
+
+    sync = load_bench("weight_sync")
+    hf = load_file(str(make_tiny_hf_model("llama", tmp_path / "m", seed=0, num_heads=2, num_kv_heads=1)
+                       / "model.safetensors"))
+    assert sync._onednn_packs(torch.float32)
+    assert sync._onednn_repack_seconds(hf) > 0
+    with pytest.raises(KeyError, match="down_proj"):
+        sync._onednn_repack_seconds({k: v for k, v in hf.items() if "layers.1.mlp.down_proj" not in k})

@@ -9,9 +9,9 @@ from __future__ import annotations
 from typing import Iterator
 
 import torch
-import torch.distributed as dist
 
 from sage_megatron.parallel import weight_maps as wm
+from sage_megatron.parallel.host_gather import gather_shards, host_exchange
 from sage_megatron.parallel.model import ModelArch
 
 
@@ -41,21 +41,33 @@ def tp_rank_and_size() -> tuple[int, int]:
 
 
 @torch.no_grad()
-def iter_global_tensors(model, *, arch: ModelArch) -> Iterator[tuple[str, torch.Tensor]]:
-    """This stage's parameters as (global name, TP-merged tensor); collective over the TP group."""
+def iter_global_tensors(model, *, arch: ModelArch, to_all: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+    """This stage's parameters as (global name, TP-merged tensor); collective over the TP group.
+
+    ``to_all=False``: only TP rank 0 receives and yields (the weight sync's sources); the other TP ranks
+    send their shards and yield nothing. Shards travel through shared memory where the TP group's ranks
+    share a host on gloo (``host_gather``), else through torch.distributed's collectives.
+    """
     from megatron.core import parallel_state as ps
 
     rank, tp = tp_rank_and_size()
     maps = wm.mappings_by_name(arch)
-    group = ps.get_tensor_model_parallel_group() if tp > 1 else None
-    for key, param in stage_params(model):
+    params = list(stage_params(model))
+    exchange = group = None
+    if tp > 1:
+        group = ps.get_tensor_model_parallel_group()
+        largest = max((p.numel() * p.element_size() for k, p in params if maps[k].tp_split != wm.REPLICATED),
+                      default=0)
+        exchange = host_exchange(group, region_bytes=largest)
+    for key, param in params:
         m = maps[key]
         if tp == 1 or m.tp_split == wm.REPLICATED:
-            yield key, param.detach()
+            if to_all or rank == 0:
+                yield key, param.detach()
             continue
-        shards = [torch.empty_like(param) for _ in range(tp)]
-        dist.all_gather(shards, param.detach().contiguous(), group=group)
-        yield key, wm.merge_shards(m, shards)
+        shards = gather_shards(param, group=group, to_all=to_all, exchange=exchange)
+        if shards is not None:
+            yield key, wm.merge_shards(m, shards)
 
 
 def save_dist_checkpoint(model, directory: str) -> None:

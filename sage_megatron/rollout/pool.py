@@ -396,10 +396,12 @@ class RolloutPool(EngineLifecycle):
         """Load HF-named tensors into every engine in place; the engines' version becomes ``version``.
 
         Names not in the stream keep their current values (a partial update is fine). Returns
-        ``{version, buckets, tensors, bytes, seconds, transport, phases}``; ``phases`` splits the wall
+        ``{version, buckets, tensors, bytes, seconds, transport, engine_load, phases}`` (``engine_load``: how
+        the engines load, "in_place" or "layerwise", see vllm_worker_ext.py); ``phases`` splits the wall
         time: ``stream_s`` waiting for ``named_tensors`` (the trainer's gather and name mapping),
         ``send_s`` the transport's hand-off (encode into the slot files or the object store), ``load_s``
-        waiting for the engines to load the buckets, ``begin_s``/``finish_s`` opening and closing their
+        waiting for the engines to load the buckets (with the CPU transport, the engines load a bucket while
+        the next one is streamed and encoded: ``load_s`` is only the wait beyond that overlap), ``begin_s``/``finish_s`` opening and closing their
         update sessions (finish re-packs pending layers). An engine that dies during the update is
         restarted and brought to the new version afterwards. If the stream itself fails (the trainer's
         generator raises, a name is unknown to the model), the engines hold a mix of old and new
@@ -421,14 +423,25 @@ class RolloutPool(EngineLifecycle):
         self._broken_update = f"update_weights(version={version}) did not complete"
         try:
             tic = time.perf_counter()
-            live = self._gather(live, self.transport.begin([s.actor for s in live]), "begin weight update")
+            begun = self.transport.begin([s.actor for s in live])
+            live = self._gather(live, begun, "begin weight update")
+            stats["engine_load"] = _load_modes(begun)
             phases["begin_s"] += time.perf_counter() - tic
+            # With a transport that loads in the background, the engines load bucket i while the trainer's
+            # stream and the encoding of bucket i + 1 go on (the two sides run on different cores).
+            loading: tuple[list[EngineSlot], list] | None = None   # the bucket the engines are loading
+            background = getattr(self.transport, "loads_in_background", False)
             for bucket in iter_buckets(_timed(named_tensors, phases, "stream_s"), bucket_bytes=bucket_bytes):
                 tic = time.perf_counter()
                 ref, futures = self.transport.send_bucket([s.actor for s in live], bucket)
                 sent = time.perf_counter()
-                live = self._gather(live, futures, "load a weight bucket")
                 phases["send_s"] += sent - tic
+                if background:
+                    previous, loading = loading, (live, futures)
+                    if previous is not None:
+                        live = self._wait_loaded(live, *previous)
+                else:
+                    live = self._gather(live, futures, "load a weight bucket")
                 phases["load_s"] += time.perf_counter() - sent
                 if keep and ref is not None:
                     refs.append(ref)
@@ -436,6 +449,10 @@ class RolloutPool(EngineLifecycle):
                 stats["tensors"] += len(bucket)
                 stats["bytes"] += sum(tensor_nbytes(t) for _, t in bucket)
                 del bucket, ref
+            if loading is not None:
+                tic = time.perf_counter()
+                live = self._wait_loaded(live, *loading)
+                phases["load_s"] += time.perf_counter() - tic
             tic = time.perf_counter()
             live = self._gather(live, self.transport.finish([s.actor for s in live], version=version),
                                 "finish weight update")
@@ -542,6 +559,11 @@ class RolloutPool(EngineLifecycle):
             raise StaleWeightsError(f"on-policy generation needs weight version >= {min_version}, but {desc}; "
                                     f"call update_weights(..., version={min_version}) first")
 
+    def _wait_loaded(self, live: list[EngineSlot], sent_to: list[EngineSlot], futures: list) -> list[EngineSlot]:
+        """Wait for the loads of an earlier bucket (sent to ``sent_to``); returns those of ``live`` still alive."""
+        alive = self._gather(sent_to, futures, "load a weight bucket")
+        return [s for s in live if s in alive]
+
     def _gather(self, slots: list[EngineSlot], futures: list, what: str) -> list[EngineSlot]:
         """Wait for one future per slot; returns the slots still alive.
 
@@ -582,6 +604,20 @@ class RolloutPool(EngineLifecycle):
     def _say(self, msg: str) -> None:
         if self.config.verbose:
             print(f"[rollout_pool +{time.monotonic() - self._t0:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+def _load_modes(begun: list) -> str | None:
+    """How the engines that opened their session load (``VLLMEngine.begin_update``: "in_place", "layerwise";
+    None for the GPU transports), comma-joined when they differ."""
+    import ray
+
+    modes = set()
+    for future in begun:
+        try:
+            modes.add(ray.get(future))
+        except Exception:   # that engine failed to begin: _gather has dealt with it
+            pass
+    return ",".join(sorted(m for m in modes if isinstance(m, str))) or None
 
 
 def _timed(items: Iterable[Any], phases: dict[str, float], key: str) -> Iterator[Any]:

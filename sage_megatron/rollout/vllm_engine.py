@@ -116,6 +116,7 @@ class VLLMEngine:
         self._updating = False
         self._native_session = False
         self._remote_workers = False
+        self.update_mode: str | None = None   # how the last CPU-transport session loaded (begin_update)
         if config.own_log:
             _write_output_to_own_log(engine_index)
 
@@ -345,11 +346,13 @@ class VLLMEngine:
             raise RuntimeError(f"engine {self.index} is broken: {self._error}")
 
     # ------------------------------------------------------------------ weights (CPU transport)
-    def begin_update(self) -> None:
+    def begin_update(self) -> str:
+        """Open a session in every worker; returns how the workers load (``"in_place"`` or ``"layerwise"``)."""
         self._ensure_idle("weight update")
         with self._engine_lock:
             self._updating = True
-            self.llm.collective_rpc("sage_begin_update")
+            self.update_mode = self.llm.collective_rpc("sage_begin_update")[0]
+        return self.update_mode
 
     def load_bucket(self, ref_box: list, *, payload_mode: str = "shm") -> int:
         """Load one encoded bucket (an ObjectRef in a one-element list) into every worker."""
@@ -368,7 +371,7 @@ class VLLMEngine:
 
     def sees_file(self, path: str, identity: list[int]) -> bool:
         """Is ``path`` here the very file the sender made (same ``[st_dev, st_ino]``)? False on another node."""
-        from sage_megatron.rollout.weight_transport import file_identity
+        from sage_megatron.fsutil import file_identity
 
         return file_identity(path) == list(identity)
 

