@@ -26,10 +26,10 @@ Data path (the same weight maps as ``tools/convert``, so the two cannot drift ap
 
 Stages are drained one after the other (stage 0 from rank 0 itself, then 1, 2, ...): a later
 stage's source blocks in its first send until rank 0 gets to it. Peak extra memory: one gathered
-parameter on each stage's TP ranks (its shards + the merged tensor), one parameter (+ one bucket
-and its encoded copy inside the pool) on rank 0; never a full model copy (bench/weight_sync.py:
-+0.41 GiB peak anonymous RSS on rank 0 while syncing a 1.77 GB model, dominated by the 131 MB
-vocabulary matrices). Tied embeddings are emitted once (``model.embed_tokens.weight``; the last
+parameter on each stage's source (the shards + the merged tensor; on one gloo host the shards sit in
+the shared exchange file, two buffers of one shard per TP rank), one parameter (+ one bucket inside
+the pool) on rank 0; never a full model copy (bench/weight_sync.py: +0.17 GiB peak anonymous RSS on
+rank 0 while syncing a 1.77 GB model at tp=2, docs/results/weight_sync.json). Tied embeddings are emitted once (``model.embed_tokens.weight``; the last
 stage's output-layer copy is not sent). Data-parallel replicas other than the first take no part.
 
 Versions and on-policy rollouts: every sync bumps the pool's weight version (``pool.version + 1``
