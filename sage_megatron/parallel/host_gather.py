@@ -1,8 +1,8 @@
 """TP shards -> the global tensor through one shared-memory file, for gloo groups whose ranks share a host.
 
 Why: a gloo all-gather goes through TCP on the loopback device. On the 2-core dev box the TP=2 gather of a
-1.77 GB bf16 model took 2.46 s of a 5.3 s weight sync (bench/weight_sync.py, docs/results/weight_sync.json),
-about 0.7 GB/s. Ranks on one host can instead copy their shard once into a file in /dev/shm that every rank
+1.77 GB bf16 model took 3.3 s of a 6.5 s weight sync (bench/weight_sync.py before this module), about
+0.5 GB/s. Ranks on one host can instead copy their shard once into a file in /dev/shm that every rank
 of the group has mapped, and the receiving rank reads the others' shards in place.
 
 When it is used (:func:`host_exchange`, decided once per group): the group's backend is gloo (NCCL on GPU
@@ -21,6 +21,7 @@ from __future__ import annotations
 import mmap
 import os
 import secrets
+
 import torch
 import torch.distributed as dist
 
@@ -85,21 +86,25 @@ def host_exchange(group, *, region_bytes: int) -> HostExchange | None:
 def _open_exchange(group, *, region_bytes: int) -> HostExchange | None:
     size, rank = dist.get_world_size(group), dist.get_rank(group)
     total = 2 * size * region_bytes
-    box: list = [None]
+    box: list = [(None, None)]
     if rank == 0:
         path = os.path.join(shm_directory(), f"sage_tpx_{os.getpid()}_{secrets.token_hex(4)}")
-        with open(path, "wb") as f:
-            f.truncate(total)
-        box = [(path, file_identity(path))]
+        try:   # allocated up front: a /dev/shm too small for it (64 MiB in a default Docker) fails here, not
+            with open(path, "wb") as f:   # with a SIGBUS at the first write into the mapping
+                os.posix_fallocate(f.fileno(), 0, total)
+            box = [(path, file_identity(path))]
+        except OSError:
+            if os.path.exists(path):
+                os.unlink(path)
     dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0), group=group)
     path, identity = box[0]
     mapped = None
-    if file_identity(path) == identity:
+    if path is not None and file_identity(path) == identity:
         with open(path, "r+b") as f:
             mapped = mmap.mmap(f.fileno(), total, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
     seen = torch.tensor([0 if mapped is None else 1], dtype=torch.int32)
     dist.all_reduce(seen, op=dist.ReduceOp.MIN, group=group)   # also: every rank has opened the file
-    if rank == 0:
+    if rank == 0 and path is not None:
         os.unlink(path)
     if int(seen) == 0:
         if mapped is not None:

@@ -116,7 +116,6 @@ class VLLMEngine:
         self._updating = False
         self._native_session = False
         self._remote_workers = False
-        self.update_mode: str | None = None   # how the last CPU-transport session loaded (begin_update)
         if config.own_log:
             _write_output_to_own_log(engine_index)
 
@@ -351,8 +350,7 @@ class VLLMEngine:
         self._ensure_idle("weight update")
         with self._engine_lock:
             self._updating = True
-            self.update_mode = self.llm.collective_rpc("sage_begin_update")[0]
-        return self.update_mode
+            return self.llm.collective_rpc("sage_begin_update")[0]
 
     def load_bucket(self, ref_box: list, *, payload_mode: str = "shm") -> int:
         """Load one encoded bucket (an ObjectRef in a one-element list) into every worker."""

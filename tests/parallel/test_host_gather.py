@@ -64,3 +64,25 @@ def test_host_exchange_gathers_every_rank_shard_like_gloo():
         assert r["bad"] == [], f"rank {rank}: {r['bad']}"
         assert r["bigger"], f"rank {rank}: the larger exchange did not gather"
         assert r["left_files"] == [], f"rank {rank}: files left in /dev/shm: {r['left_files']}"
+
+
+def _without_room_on_ranks() -> dict:
+    import torch.distributed as dist
+
+    from sage_megatron.parallel import host_gather
+
+    host_gather.shm_directory = lambda: "/nonexistent-shm"   # rank 0 cannot make the file (as with a full /dev/shm)
+    dist.init_process_group("gloo")
+    rank, group = dist.get_rank(), dist.group.WORLD
+    exchange = host_gather.host_exchange(group, region_bytes=64)
+    got = host_gather.gather_shards(_shard(0, rank, (4, 4), torch.float32), group=group, to_all=False,
+                                    exchange=exchange)
+    dist.destroy_process_group()
+    return {"exchange": exchange, "got": got}
+
+
+def test_without_a_shared_file_the_group_keeps_gloo():
+    rank0, rank1 = run_distributed(_without_room_on_ranks, world_size=2)
+    assert rank0["exchange"] is None and rank1["exchange"] is None
+    assert [t.tolist() for t in rank0["got"]] == [_shard(0, r, (4, 4), torch.float32).tolist() for r in range(2)]
+    assert rank1["got"] is None
