@@ -270,8 +270,8 @@ def _bench_world(hf_dir: str, ckpt_dir: str, layout: ParallelLayout, engine_dtyp
             first = sync_weights(model, arch=meta.arch, pool=pool, bucket_bytes=bucket_bytes)
         nbytes = first["bytes"]
         last = first
-        # the same weights as the engine holds them, for timing vLLM's own re-pack alone (oneDNN dtypes only)
-        # (every rank asks: the same machine answers alike, and the stream below is collective)
+        # The weights as the engine holds them, for timing vLLM's own re-pack alone (oneDNN dtypes only). Every
+        # rank asks: the same machine answers alike, and the stream below is collective.
         hf = {n: t.to(parse_dtype(engine_dtype)).clone() for n, t in iter_actor_hf_tensors(model, arch=meta.arch)} \
             if _onednn_packs(parse_dtype(engine_dtype)) else {}
         for _ in range(repeats):   # interleaved: each sync kind, gather only, memcpy
@@ -309,7 +309,8 @@ def _bench_world(hf_dir: str, ckpt_dir: str, layout: ParallelLayout, engine_dtyp
         if rank != 0:
             return None
         return {"engine_start_seconds": start_s, "bytes": nbytes, "tensors": last["tensors"],
-                "buckets": last["buckets"], "transport": last["transport"], "engine_load": last["engine_load"], "version": last["version"],
+                "buckets": last["buckets"], "transport": last["transport"], "engine_load": last["engine_load"],
+                "version": last["version"],
                 **{f"{key}_seconds_all": out[key] for key, _, _ in SYNC_KINDS},
                 **{f"{key}_phases_median": _median_phases(out[f"{key}_phases"]) for key, _, _ in SYNC_KINDS},
                 **{f"rank0_extra_rss_gib_{key}": max(out[f"{key}_extra_rss"]) for key, _, _ in SYNC_KINDS},
@@ -404,10 +405,11 @@ def print_table(rows: list[dict]) -> None:
             print(f"  {r['model']} {key:<9} pool phases (s, median): {split}")
         repack = "none (oneDNN has no kernel for this dtype: plain weights)" if r["engine_repack_seconds"] is None \
             else f"{r['engine_repack_seconds']:.3f} s"
-        print(f"  {r['model']} engine load: {r['engine_load']}; vLLM's oneDNN re-pack of these weights alone: {repack}; "
-              f"memcpy into fresh memory {r['memcpy_fresh_seconds']:.3f} s (the floor copies into memory touched before)")
-    print("sync: sync_weights (default: slot files, the engine loading bucket i while bucket i+1 is written); shm: the object store + a one-off /dev/shm file per "
-          "bucket (the previous default); prefet: prefetch_bytes=bucket; gather: the Megatron side alone; "
+        print(f"  {r['model']} engine load: {r['engine_load']}; vLLM's oneDNN re-pack of these weights alone: "
+              f"{repack}; memcpy into fresh memory {r['memcpy_fresh_seconds']:.3f} s (the floor copies into memory "
+              "touched before)")
+    print("sync: sync_weights (default: slot files, the engine loading bucket i while bucket i+1 is written); "
+          "shm: the object store + a one-off /dev/shm file per bucket (the previous default); prefet: prefetch_bytes=bucket; gather: the Megatron side alone; "
           "+RSS: rank 0's peak extra anonymous memory during a default sync; max|dlogp|: engine vs actor; "
           "vs fresh: engine vs a fresh engine from the converter's export (expected 0); medians, interleaved in one run")
 
