@@ -273,11 +273,17 @@ class ShmSlots:
             raise ValueError(f"slot {index} written before slot {len(self._paths)}")
         prefix, header, total = _bucket_layout(tensors)
         if index == len(self._paths):
-            self._paths.append(f"{self.stem}{index}")
-            self._maps.append(self._map(self._paths[index], total))
+            path = f"{self.stem}{index}"
+            try:
+                self._maps.append(self._map(path, total))
+            except OSError:
+                _unlink_all([path])
+                raise
+            self._paths.append(path)
         elif len(self._maps[index]) < total:
+            grown = self._map(self._paths[index], total)   # the old mapping stays valid if this fails
             self._maps[index].close()
-            self._maps[index] = self._map(self._paths[index], total)
+            self._maps[index] = grown
         out = torch.frombuffer(self._maps[index], dtype=torch.uint8, count=total)
         _write_bucket(out, prefix, header, tensors)
         return self.payload(index)
@@ -307,6 +313,13 @@ class ShmSlots:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             os.ftruncate(fd, size)
+            try:   # reserved up front: a full /dev/shm fails here, not with a SIGBUS at the first write
+                os.posix_fallocate(fd, 0, size)
+            except OSError as exc:
+                raise OSError(exc.errno, f"cannot reserve {size} bytes for a weight bucket in {path} "
+                                         f"({exc.strerror}): the slot files hold one copy of the model; give "
+                                         f"{os.path.dirname(path)} at least the model's size (a container's "
+                                         "/dev/shm: docker run --shm-size=...)") from exc
             return mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
         finally:
             os.close(fd)

@@ -155,6 +155,25 @@ def test_slot_files_of_dead_writers_are_removed_and_a_lost_sender_cleans_up(tmp_
     assert file_identity(str(tmp_path)) == [os.stat(tmp_path).st_dev, os.stat(tmp_path).st_ino]
 
 
+def test_slot_file_without_room_fails_with_what_to_fix(tmp_path, monkeypatch):
+    """A /dev/shm too small for the slot files (a container's default 64 MiB) is an error naming the directory
+    and the fix when the file is made, not a SIGBUS when the mapping is first written."""
+    import errno
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    slots = wt.ShmSlots(directory=str(tmp_path))
+    monkeypatch.setattr(wt.os, "posix_fallocate", full)
+    with pytest.raises(OSError, match=rf"cannot reserve \d+ bytes for a weight bucket .*No space left.*give "
+                                      rf"{tmp_path} at least the model's size.*--shm-size"):
+        slots.write(0, [("a", torch.zeros(1024))])
+    assert os.listdir(tmp_path) == [] and len(slots) == 0   # nothing half-made is left
+    monkeypatch.undo()
+    assert slots.write(0, [("a", torch.ones(4))])["shm_path"]   # with room, the same slot works
+    slots.close()
+
+
 def test_cpu_transport_refuses_an_unknown_payload_mode():
     with pytest.raises(ValueError, match="unknown cpu_payload 'pipes'"):
         wt.CpuObjectStoreTransport(wt.TransportConfig(cpu_payload="pipes"))
