@@ -312,8 +312,7 @@ class ShmSlots:
     def _map(path: str, size: int) -> mmap.mmap:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            os.ftruncate(fd, size)
-            try:   # reserved up front: a full /dev/shm fails here, not with a SIGBUS at the first write
+            try:   # sized and reserved up front: a full /dev/shm fails here, not with a SIGBUS at the first write
                 os.posix_fallocate(fd, 0, size)
             except OSError as exc:
                 raise OSError(exc.errno, f"cannot reserve {size} bytes for a weight bucket in {path} "
