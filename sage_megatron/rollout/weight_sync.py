@@ -304,10 +304,10 @@ def sync_weights(
 
     ``prefetch_bytes`` > 0: on rank 0, gather/receive up to this many bytes ahead in a background
     thread while the pool encodes and loads the current bucket (extra peak memory on rank 0: about
-    ``prefetch_bytes``). Off by default: on the shared 2-core dev box the gain was within the noise
-    (bench/weight_sync.py, 1B Llama bf16 at tp=2, medians of 3 interleaved, two runs: 8.77 -> 8.63 s
-    and 11.65 -> 9.17 s) while rank 0's extra peak memory doubled (0.41 -> 0.81 GiB), since the gather
-    and the engine's load compete for the same cores; measure it where they do not.
+    ``prefetch_bytes``). Off by default: the CPU transport already has the engines load one bucket while
+    the next is gathered and encoded, and on the 2-core dev box the thread only adds contention
+    (bench/weight_sync.py, docs/results/weight_sync.json, medians of 5 interleaved: 1B Llama bf16 at tp=2
+    1.55 s with it vs 0.93 s without, SmolLM2 fp32 0.62 vs 0.56 s); measure it where cores are free.
 
     ``pool``: the RolloutPool on global rank 0 (ignored elsewhere). ``version``: the new weight
     version (default ``pool.version + 1``); it must increase. Returns, on every rank, ``{version,
