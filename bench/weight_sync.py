@@ -409,9 +409,10 @@ def print_table(rows: list[dict]) -> None:
               f"{repack}; memcpy into fresh memory {r['memcpy_fresh_seconds']:.3f} s (the floor copies into memory "
               "touched before)")
     print("sync: sync_weights (default: slot files, the engine loading bucket i while bucket i+1 is written); "
-          "shm: the object store + a one-off /dev/shm file per bucket (the previous default); prefet: prefetch_bytes=bucket; gather: the Megatron side alone; "
-          "+RSS: rank 0's peak extra anonymous memory during a default sync; max|dlogp|: engine vs actor; "
-          "vs fresh: engine vs a fresh engine from the converter's export (expected 0); medians, interleaved in one run")
+          "shm: the object store + a one-off /dev/shm file per bucket (the previous default); "
+          "prefet: prefetch_bytes=bucket; gather: the Megatron side alone; +RSS: rank 0's peak extra anonymous "
+          "memory during a default sync; max|dlogp|: engine vs actor; vs fresh: engine vs a fresh engine from the "
+          "converter's export (expected 0); medians, interleaved in one run")
 
 
 def main() -> int:

@@ -403,9 +403,9 @@ class RolloutPool(EngineLifecycle):
         waiting for the engines to load the buckets (with the CPU transport the engines load a bucket while
         the next one is streamed and encoded: only the wait beyond that overlap), ``begin_s``/``finish_s``
         opening and closing their update sessions (finish re-packs pending layers). An engine that dies
-        during the update is restarted and brought to the new version afterwards. If the stream itself fails (the trainer's
-        generator raises, a name is unknown to the model), the engines hold a mix of old and new
-        weights: the pool refuses to generate until an update succeeds.
+        during the update is restarted and brought to the new version afterwards. If the stream itself
+        fails (the trainer's generator raises, a name is unknown to the model), the engines hold a mix of
+        old and new weights: the pool refuses to generate until an update succeeds.
         """
         import ray
 

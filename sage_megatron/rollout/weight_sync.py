@@ -29,8 +29,9 @@ stage's source blocks in its first send until rank 0 gets to it. Peak extra memo
 parameter on each stage's source (the shards + the merged tensor; on one gloo host the shards sit in
 the shared exchange file, two buffers of one shard per TP rank), one parameter (+ one bucket inside
 the pool) on rank 0; never a full model copy (bench/weight_sync.py: +0.17 GiB peak anonymous RSS on
-rank 0 while syncing a 1.77 GB model at tp=2, docs/results/weight_sync.json). Tied embeddings are emitted once (``model.embed_tokens.weight``; the last
-stage's output-layer copy is not sent). Data-parallel replicas other than the first take no part.
+rank 0 while syncing a 1.77 GB model at tp=2, docs/results/weight_sync.json). Tied embeddings are
+emitted once (``model.embed_tokens.weight``; the last stage's output-layer copy is not sent).
+Data-parallel replicas other than the first take no part.
 
 Versions and on-policy rollouts: every sync bumps the pool's weight version (``pool.version + 1``
 unless a version is given) and returns it on every rank. ``pool.generate(..., min_version=v)``
@@ -311,8 +312,8 @@ def sync_weights(
 
     ``pool``: the RolloutPool on global rank 0 (ignored elsewhere). ``version``: the new weight
     version (default ``pool.version + 1``); it must increase. Returns, on every rank, ``{version,
-    bytes, tensors, buckets, seconds, pool_seconds, pool_phases, transport, engine_load}`` as measured on rank 0 (seconds:
-    gather + send + load, wall clock on rank 0). Raises :class:`WeightSyncError` on every rank if the
+    bytes, tensors, buckets, seconds, pool_seconds, pool_phases, transport, engine_load}`` as measured on
+    rank 0 (seconds: gather + send + load, wall clock on rank 0). Raises :class:`WeightSyncError` on every rank if the
     update failed.
     """
     role = _role()
