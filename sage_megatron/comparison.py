@@ -4,7 +4,8 @@ seed, a comparison table, and ``summary.json``.
 Every algorithm trains from the same weights with the same seed; the start evaluation is run once (by
 the first algorithm) and shared, since every run starts from those weights. Held-out accuracy (no
 hints) is reported over the whole held-out set and over its hard band, at the start and the end, each
-with the half-width of its 95% interval over prompts (``algo.metrics_math.mean_ci95``).
+with the half-width of its 95% interval over prompts (``algo.metrics_math.mean_ci95``), and the gain
+end - start with its interval over the per-prompt differences (``algo.metrics_math.paired_gain``).
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import statistics
 from pathlib import Path
 from typing import Any, Sequence
 
+from sage_megatron.algo.metrics_math import paired_gain
 from sage_megatron.metrics import EVALS_FILE, read_evals, read_metrics
 from sage_megatron.provenance import provenance
 from sage_megatron.train import train_runs
@@ -74,10 +76,16 @@ def run_algorithms(out_dir: str | Path, *, config: str, overrides: Sequence[str]
         raise RuntimeError(f"stopped on request during {algorithms[len(results) - 1]}: "
                            f"{', '.join(algorithms[len(results):])} did not run; run the comparison again")
     summary: dict[str, Any] = {}
+    start = results[0]["evals"].get("start")
     for i, (name, result) in enumerate(zip(algorithms, results)):
         summary[name] = summarize(result, out / name)
         if i > 0:
             share_start(summary, source=algorithms[0], target=name, out=out)
+        final = result["evals"].get("final")
+        if start and final:
+            gains = paired_gain(start["per_prompt"], final["per_prompt"],
+                                hard_min_difficulty=cfgs[i].eval.hard_min_difficulty)
+            summary[name].update({f"heldout_{k}": v for k, v in gains.items()})
     return summary
 
 
@@ -94,6 +102,8 @@ def comparison_table(summary: dict[str, Any], algorithms: Sequence[str]) -> str:
             ("held-out accuracy, end (all difficulties)", "heldout_accuracy", True),
             ("held-out accuracy, start (hard band)", "heldout_hard_accuracy_start", True),
             ("held-out accuracy, end (hard band)", "heldout_hard_accuracy", True),
+            ("held-out gain, end - start, paired (all difficulties)", "heldout_gain", True),
+            ("held-out gain, end - start, paired (hard band)", "heldout_hard_gain", True),
             ("prompt usage (mean)", "prompt_usage", False), ("accuracy before hints (mean)", "acc_before_hints", False),
             ("never-solved share", "never_solved_share", False), ("step seconds (mean)", "step_seconds", False),
             ("step seconds (median)", "step_seconds_median", False)]
@@ -124,7 +134,7 @@ def toy_comparison(out_dir: str | Path, *, config: str = "configs/toy.yaml", ove
     print("\n" + comparison_table(summary, ("grpo", "sage")))
     print(f"| SAGE / GRPO time per step (mean, median) | | {summary['sage_over_grpo_time']:.2f}x, "
           f"{summary['sage_over_grpo_time_median']:.2f}x |")
-    print("(± = half-width of the 95% interval over held-out prompts; the hard band is the held-out items "
-          "with the most steps)")
+    print("(± = half-width of the 95% interval over held-out prompts; the gains' over the per-prompt differences "
+          "end - start, the same prompts; the hard band is the held-out items with the most steps)")
     print((out / "summary.json").absolute())
     return summary

@@ -192,9 +192,18 @@ class AlgorithmConfig:
 @dataclass(frozen=True)
 class OptimConfig:
     lr: float = 1e-6
-    """AdamW lr (constant)."""
+    """AdamW peak lr (after any warmup, before any decay)."""
+    lr_warmup_steps: int = 0
+    """Optimizer steps of linear warmup from 0 to lr (optimizer steps = run.steps x mini_batches)."""
+    lr_decay_style: str = "constant"
+    """constant | linear | cosine: the lr after warmup (megatron-core's OptimizerParamScheduler)."""
+    lr_decay_steps: int = 0
+    """Optimizer steps by which a linear/cosine decay reaches min_lr; 0 = the whole run
+    (run.steps x mini_batches)."""
+    min_lr: float = 0.0
+    """lr at the end of a linear/cosine decay."""
     weight_decay: float = 0.01
-    """AdamW weight decay."""
+    """AdamW weight decay (not applied to biases and norm weights)."""
     grad_clip: float = 1.0
     """Global grad-norm clip; 0 disables."""
     mini_batches: int = 2
@@ -425,6 +434,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 # ---------------------------------------------------------------------------------------------- validation
 
+LR_DECAY_STYLES = ("constant", "linear", "cosine")
+
+
+def lr_decay_steps(cfg: Config) -> int:
+    """Optimizer steps of the lr decay: optim.lr_decay_steps, or the whole run when it is 0."""
+    return cfg.optim.lr_decay_steps or cfg.run.steps * cfg.optim.mini_batches
+
+
 def validate(cfg: Config) -> None:
     """Every static problem of ``cfg`` at once (ConfigError), before any process or engine starts."""
     from sage_megatron.parallel.layout import LayoutError, ParallelLayout, validate_layout
@@ -472,6 +489,14 @@ def validate(cfg: Config) -> None:
     if a.name != "grpo":
         need(d.solution_key != "", "data.solution_key is empty but hints are made from the reference solution")
     need(o.lr > 0, f"optim.lr={o.lr} must be > 0")
+    need(o.lr_decay_style in LR_DECAY_STYLES,
+         f"optim.lr_decay_style={o.lr_decay_style!r} is not one of {', '.join(LR_DECAY_STYLES)}")
+    need(0 <= o.min_lr <= o.lr, f"optim.min_lr={o.min_lr} must be in [0, optim.lr={o.lr}]")
+    need(o.lr_warmup_steps >= 0 and o.lr_decay_steps >= 0,
+         f"optim.lr_warmup_steps={o.lr_warmup_steps} and optim.lr_decay_steps={o.lr_decay_steps} must be >= 0")
+    need(o.lr_decay_style == "constant" or o.lr_warmup_steps < lr_decay_steps(cfg),
+         f"optim.lr_warmup_steps={o.lr_warmup_steps} must be below the decay's {lr_decay_steps(cfg)} optimizer "
+         "steps (optim.lr_decay_steps, 0 = run.steps x optim.mini_batches): shorten the warmup")
     need(o.mini_batches >= 1, f"optim.mini_batches={o.mini_batches} must be >= 1")
     need(d.batch_size >= 1, f"data.batch_size={d.batch_size} must be >= 1")
     need(o.mini_batches <= d.batch_size and d.batch_size % o.mini_batches == 0,

@@ -27,8 +27,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from sage_megatron.config import (Config, fp8_options, validate, validate_for_device, validate_for_model,
-                                   validate_one_session)
+from sage_megatron.config import (Config, fp8_options, lr_decay_steps, validate, validate_for_device,
+                                   validate_for_model, validate_one_session)
 from sage_megatron.metrics import EVALS_FILE
 from sage_megatron.run_inputs import (converted_checkpoint, eval_data_path, load_eval_rows, load_train_rows,
                                        resolve_model, template_dir, train_data_path)
@@ -131,7 +131,8 @@ class Trainer:
         a, o = cfg.algorithm, cfg.optim
         actor_cfg = ActorConfig(
             ckpt_dir=str(resume_from or paths["base_ckpt"]), layout=self.layout, dtype=cfg.model.dtype, lr=o.lr,
-            weight_decay=o.weight_decay, grad_clip=o.grad_clip, micro_batch_size=cfg.parallel.micro_batch_size,
+            lr_warmup_steps=o.lr_warmup_steps, lr_decay_style=o.lr_decay_style, lr_decay_steps=lr_decay_steps(cfg),
+            min_lr=o.min_lr, weight_decay=o.weight_decay, grad_clip=o.grad_clip, micro_batch_size=cfg.parallel.micro_batch_size,
             max_tokens_per_micro_batch=cfg.parallel.max_tokens_per_micro_batch,
             group_by_length=cfg.parallel.group_by_length,
             clip_low=a.clip_low, clip_high=a.clip_high, clip_c=a.clip_c, kl_coef=a.kl_coef, kl_kind=a.kl_kind,

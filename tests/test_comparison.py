@@ -28,12 +28,15 @@ def test_toy_comparison_writes_the_summary_the_readme_promises(tmp_path, monkeyp
             for i, (t, usage, hints) in enumerate(steps[name], 1):
                 f.write(json.dumps({"step": i, "time/step": t, "groups/prompt_usage": usage, **hints}) + "\n")
         final = {"accuracy": 0.25 if name == "grpo" else 0.5, "accuracy_ci95": 0.05,
-                 "hard_accuracy": 0.1 if name == "grpo" else 0.2, "hard_accuracy_ci95": 0.08}
+                 "hard_accuracy": 0.1 if name == "grpo" else 0.2, "hard_accuracy_ci95": 0.08,
+                 # [index, difficulty, score]; the toy config's hard band is difficulty >= 5
+                 "per_prompt": [[1, 6, 0.0], [0, 1, 0.5], [2, 8, 0.5]] if name == "grpo" else
+                               [[0, 1, 0.75], [1, 6, 0.5], [2, 8, 0.75]]}
         evals = {"final": final}
         curve = [{"step": 3, **final}]
         if cfg.eval.at_start:
             evals["start"] = {"accuracy": 0.125, "accuracy_ci95": 0.04, "hard_accuracy": 0.0625,
-                              "hard_accuracy_ci95": 0.03}
+                              "hard_accuracy_ci95": 0.03, "per_prompt": [[0, 1, 0.25], [1, 6, 0.0], [2, 8, 0.25]]}
             curve.insert(0, {"step": 0, **evals["start"]})
         (run / "evals.jsonl").write_text("".join(json.dumps(e) + "\n" for e in curve))
         return {"evals": evals, "never_solved_share": 0.5 if name == "grpo" else 0.25, "steps": 3,
@@ -51,6 +54,11 @@ def test_toy_comparison_writes_the_summary_the_readme_promises(tmp_path, monkeyp
     assert (g["heldout_hard_accuracy"], s["heldout_hard_accuracy"]) == (0.1, 0.2)
     assert g["heldout_hard_accuracy_start"] == s["heldout_hard_accuracy_start"] == 0.0625
     assert s["heldout_hard_accuracy_ci95"] == 0.08
+    # gains over the same prompts, paired by index: GRPO 0.25, 0, 0.25; SAGE 0.5, 0.5, 0.5 (no spread)
+    assert g["heldout_gain"] == pytest.approx(1 / 6) and g["heldout_hard_gain"] == pytest.approx(0.125)
+    assert g["heldout_gain_ci95"] == pytest.approx(1.96 * (1 / 48 / 3) ** 0.5)
+    assert g["heldout_hard_gain_ci95"] == pytest.approx(1.96 * (0.03125 / 2) ** 0.5)
+    assert (s["heldout_gain"], s["heldout_gain_ci95"], s["heldout_hard_gain"]) == (0.5, 0.0, 0.5)
     # SAGE's curve starts from GRPO's start evaluation (same weights), on disk too
     assert [e["step"] for e in s["heldout_curve"]] == [0, 3] and s["heldout_curve"][0]["accuracy"] == 0.125
     assert [json.loads(x)["step"] for x in (tmp_path / "out" / "sage" / "evals.jsonl").read_text().splitlines()] == [0, 3]
@@ -64,3 +72,4 @@ def test_toy_comparison_writes_the_summary_the_readme_promises(tmp_path, monkeyp
     assert out[-1] == str((tmp_path / "out" / "summary.json").absolute())
     assert any(line.startswith("| never-solved share | 0.500 | 0.250 |") for line in out)
     assert "| held-out accuracy, end (hard band) | 0.100 ± 0.080 | 0.200 ± 0.080 |" in out
+    assert "| held-out gain, end - start, paired (all difficulties) | 0.167 ± 0.163 | 0.500 ± 0.000 |" in out

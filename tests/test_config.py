@@ -66,6 +66,25 @@ def test_overlong_buffer_must_fit_inside_max_tokens():
     validate(load_config(None, ["rollout.max_tokens=96", "algorithm.overlong_buffer=32"]))
 
 
+def test_lr_schedule_keys_are_checked():
+    from sage_megatron.config import lr_decay_steps
+
+    cfg = load_config(None, ["optim.lr_decay_style=step", "optim.min_lr=1", "optim.lr_warmup_steps=-1"])
+    with pytest.raises(ConfigError) as e:
+        validate(cfg)
+    for part in ("optim.lr_decay_style='step' is not one of constant, linear, cosine",
+                 "optim.min_lr=1.0 must be in [0, optim.lr=1e-06]", "optim.lr_warmup_steps=-1"):
+        assert part in str(e.value)
+    # a decay over the whole run: run.steps x optim.mini_batches optimizer steps; the warmup must end before it
+    long_warmup = load_config("configs/toy.yaml", ["optim.lr_decay_style=cosine", "optim.lr_warmup_steps=72"])
+    assert lr_decay_steps(long_warmup) == 36 * 2
+    with pytest.raises(ConfigError, match=r"optim\.lr_warmup_steps=72 must be below the decay's 72 optimizer steps"):
+        validate(long_warmup)
+    validate(load_config("configs/toy.yaml", ["optim.lr_decay_style=cosine", "optim.lr_warmup_steps=71"]))
+    validate(load_config("configs/toy.yaml", ["optim.lr_decay_style=constant", "optim.lr_warmup_steps=500"]))
+    assert lr_decay_steps(load_config(None, ["optim.lr_decay_steps=7"])) == 7
+
+
 def test_reward_keys_are_checked():
     cfg = load_config(None, ["reward.extractor=final", "reward.workers=0", "reward.timeout_s=10",
                              "reward.batch_timeout_s=5"])

@@ -49,9 +49,18 @@ class ActorConfig:
     dtype: str | None = None
     """Parameter/compute dtype ("float32", "bfloat16"); None = the checkpoint's dtype."""
     lr: float = 1e-6
-    """AdamW learning rate (constant; no scheduler)."""
+    """AdamW peak learning rate."""
+    lr_warmup_steps: int = 0
+    """Optimizer steps of linear warmup from 0 to lr (step k of the warmup runs at lr * k / lr_warmup_steps)."""
+    lr_decay_style: str = "constant"
+    """constant | linear | cosine after the warmup (megatron-core's OptimizerParamScheduler)."""
+    lr_decay_steps: int = 0
+    """Optimizer step at which a linear/cosine decay reaches min_lr (> lr_warmup_steps); unused when constant."""
+    min_lr: float = 0.0
+    """lr at the end of a linear/cosine decay."""
     weight_decay: float = 0.01
-    """AdamW decoupled weight decay (megatron skips biases and norm weights)."""
+    """AdamW decoupled weight decay; the scheduler applies it with megatron's per-group multiplier, which is 0
+    for biases and norm weights."""
     adam_beta1: float = 0.9
     """AdamW beta1."""
     adam_beta2: float = 0.999
@@ -126,9 +135,10 @@ class MegatronActor:
         model = build_gpt_model(meta.arch, layout=lay, padded_vocab=meta.padded_vocab, dtype=self.dtype,
                                 use_te=config.use_te, fp8=config.fp8)
         load_dist_checkpoint(model, str(Path(config.ckpt_dir) / "dist"))
-        self.optimizer = None
+        self.optimizer = self.lr_schedule = None
         if trainable:
             self.model, self.optimizer = _wrap_for_training(model, config, dtype=self.dtype)
+            self.lr_schedule = _lr_schedule(self.optimizer, config)
         else:
             model.requires_grad_(False)
             model.eval()
@@ -312,6 +322,10 @@ class MegatronActor:
             loss_func = partial(self._loss, num_tokens=num_tokens, num_seqs=num_seqs, grad_scale=grad_scale,
                                 run_tokens=float(run.response_mask.sum()), run_seqs=float(run.tokens.shape[0]))
             collected = self._run_schedule(micro, forward_only=False, loss_func=loss_func)
+        # lr and weight decay of optimizer step number self.steps (derived from it, so a resume needs no
+        # scheduler state of its own).
+        self.lr_schedule.num_steps = self.steps
+        self.lr_schedule.step(0)
         with on_cpu_if_needed():
             update_ok, grad_norm, _ = self.optimizer.step()
         self.steps += 1
@@ -392,7 +406,7 @@ def _wrap_for_training(model, config: ActorConfig, *, dtype: torch.dtype):
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
                                                use_distributed_optimizer=False)
     opt_config = OptimizerConfig(
-        optimizer="adam", lr=config.lr, min_lr=config.lr, weight_decay=config.weight_decay,
+        optimizer="adam", lr=config.lr, min_lr=config.min_lr, weight_decay=config.weight_decay,
         adam_beta1=config.adam_beta1, adam_beta2=config.adam_beta2, adam_eps=config.adam_eps,
         clip_grad=config.grad_clip, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
         params_dtype=dtype, decoupled_weight_decay=True, use_distributed_optimizer=False,
@@ -406,6 +420,24 @@ def _wrap_for_training(model, config: ActorConfig, *, dtype: torch.dtype):
     mcfg.no_sync_func = ddp.no_sync
     mcfg.grad_scale_func = optimizer.scale_loss
     return ddp, optimizer
+
+
+def _lr_schedule(optimizer, config: ActorConfig):
+    """megatron-core's OptimizerParamScheduler for ``config``: linear warmup from 0, then constant, linear or
+    cosine down to min_lr at lr_decay_steps. It also sets each param group's weight decay (0 for biases and
+    norm weights through megatron's wd_mult)."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    decays = config.lr_decay_style != "constant"
+    if decays and not config.lr_warmup_steps < config.lr_decay_steps:
+        raise ActorError(f"lr_decay_steps={config.lr_decay_steps} must exceed lr_warmup_steps={config.lr_warmup_steps} "
+                         f"for a {config.lr_decay_style} decay")
+    return OptimizerParamScheduler(
+        optimizer, init_lr=0.0 if config.lr_warmup_steps else config.lr, max_lr=config.lr,
+        min_lr=config.min_lr if decays else config.lr, lr_warmup_steps=config.lr_warmup_steps,
+        lr_decay_steps=config.lr_decay_steps if decays else config.lr_warmup_steps + 1,
+        lr_decay_style=config.lr_decay_style, start_wd=config.weight_decay, end_wd=config.weight_decay,
+        wd_incr_steps=1, wd_incr_style="constant")
 
 
 def _broadcast_from_last_stage(x: torch.Tensor) -> torch.Tensor:

@@ -108,6 +108,26 @@ def heldout_summary(per_prompt: Sequence[tuple[float, int | None]], *, hard_min_
     return out
 
 
+def paired_gain(start: Sequence[Sequence], end: Sequence[Sequence], *, hard_min_difficulty: int) -> dict[str, float]:
+    """Held-out gain end - start with its 95% interval over the per-prompt DIFFERENCES (the same prompts
+    evaluated twice: each prompt's difficulty cancels, so this interval is the one that says whether
+    training moved accuracy; the two accuracies' own intervals also hold the spread between prompts).
+    ``start``/``end``: evaluations' ``per_prompt`` rows [index, difficulty, score]; prompts are matched
+    by index and must be the same set. Keys gain, gain_ci95 and, with labelled difficulties,
+    hard_gain, hard_gain_ci95."""
+    before = {int(i): (d, a) for i, d, a in start}
+    after = {int(i): a for i, _, a in end}
+    if set(before) != set(after):
+        raise ValueError(f"paired_gain: the evaluations scored different prompts ({len(before)} vs {len(after)}, "
+                         f"{len(set(before) ^ set(after))} not in both); evaluate the same held-out set")
+    diffs = [(after[i] - a, d) for i, (d, a) in before.items()]
+    out = dict(zip(("gain", "gain_ci95"), mean_ci95([x for x, _ in diffs])))
+    hard = [x for x, d in diffs if d is not None and d >= hard_min_difficulty]
+    if hard:
+        out["hard_gain"], out["hard_gain_ci95"] = mean_ci95(hard)
+    return out
+
+
 def logprob_gap(engine_logp, actor_logp, mask) -> dict[str, float]:
     """Mean and max |engine - actor| log-prob over response tokens ((B, T) tensors, mask 0/1): the rollout
     engine's sampling log-probs against the trainer's recomputation on the same weights. Near 0 when the

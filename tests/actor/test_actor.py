@@ -570,3 +570,67 @@ def test_bf16_actor_on_cpu_agrees_with_hf_and_steps_like_fp32(tiny_hf_factory, t
         step32, step16 = (w32[name] - start[name]).flatten(), (w16[name].float() - start[name]).flatten()
         assert torch.nn.functional.cosine_similarity(step32, step16, dim=0).item() >= 0.9, name
         assert (w16[name].float() - w32[name]).abs().max().item() <= 2 ** -6 * scale, name
+
+
+# ---- the learning-rate schedule and weight decay --------------------------------------------------------
+
+SCHEDULE = dict(lr=0.1, min_lr=0.01, lr_warmup_steps=2, lr_decay_style="cosine", lr_decay_steps=6, weight_decay=0.5)
+
+
+def _expected_lr(step: int) -> float:
+    """Optimizer step ``step`` (0-based) of SCHEDULE, written out: linear warmup from 0 over 2 steps, cosine
+    from 0.1 down to 0.01 at step 6, then 0.01."""
+    if step <= 2:
+        return 0.1 * step / 2
+    if step >= 6:
+        return 0.01
+    return 0.01 + 0.09 * 0.5 * (1 + math.cos(math.pi * (step - 2) / 4))
+
+
+def _schedule_world(ckpt: str, batch: TrainBatch) -> bytes:
+    """Eight optimizer steps on an all-zero-advantage batch (zero gradient: AdamW moves a weight only through
+    its decoupled weight decay, w *= 1 - lr * wd), then a fresh actor resumed at step 4."""
+    import io
+
+    from sage_megatron.actor.worker import ActorConfig, MegatronActor
+    from sage_megatron.parallel.distributed import init_parallel
+
+    init_parallel(ParallelLayout())
+    cfg = ActorConfig(ckpt_dir=ckpt, layout=ParallelLayout(), **(TRAIN | dict(kl_coef=0.0, entropy_coef=0.0) | SCHEDULE))
+    zero = dataclasses.replace(batch, advantages=torch.zeros_like(batch.advantages))
+    actor = MegatronActor(cfg)
+    start = {k: v.clone() for k, v in actor.global_tensors()}
+    lrs = [actor.train_step(zero)["lr"] for _ in range(8)]
+    after = {k: v.clone() for k, v in actor.global_tensors()}
+    resumed = MegatronActor(cfg)
+    resumed.steps = 4                                   # what checkpoint.load_rank_state restores
+    buf = io.BytesIO()
+    torch.save((start, lrs, after, resumed.train_step(zero)["lr"]), buf)
+    return buf.getvalue()
+
+
+@pytest.mark.multiproc
+def test_lr_schedule_and_weight_decay_follow_the_written_out_formulas(tiny_hf_factory, tmp_path):
+    """Warmup + cosine decay (megatron-core's OptimizerParamScheduler): each step's lr equals the formula,
+    also after a resume; the decay multiplies every matrix by prod(1 - lr_k * wd) and leaves 1-D weights
+    (norms) alone, as megatron's wd_mult intends (without the scheduler they were decayed too)."""
+    from sage_megatron.parallel.convert import hf_to_megatron, read_meta
+    from sage_megatron.parallel.launch import run_distributed
+
+    hf_to_megatron(tiny_hf_factory("llama"), tmp_path / "ckpt")
+    groups, adv = make_groups(vocab_size=read_meta(tmp_path / "ckpt").arch.vocab_size)
+    batch = dataclasses.replace(batch_from_groups(groups, adv, pad_id=PAD_ID, max_len=64), old_logp=None)
+    start, lrs, after, resumed_lr = torch.load(
+        io.BytesIO(run_distributed(_schedule_world, world_size=1, args=(str(tmp_path / "ckpt"), batch))[0]),
+        weights_only=False)
+    expected = [_expected_lr(k) for k in range(8)]
+    assert lrs == pytest.approx(expected, abs=1e-12)
+    assert resumed_lr == pytest.approx(expected[4], abs=1e-12)
+    shrink = math.prod(1 - lr * SCHEDULE["weight_decay"] for lr in expected)
+    matrices = [k for k, v in start.items() if v.dim() >= 2]
+    norms = [k for k, v in start.items() if v.dim() == 1]
+    assert matrices and norms
+    for k in matrices:
+        assert torch.allclose(after[k], start[k] * shrink, rtol=1e-5, atol=0), k
+    for k in norms:
+        assert torch.equal(after[k], start[k]), k

@@ -64,6 +64,24 @@ def test_heldout_summary_splits_the_hard_band():
     assert "hard_accuracy" not in heldout_summary([(1.0, None)], hard_min_difficulty=6)
 
 
+def test_paired_gain_is_the_mean_of_per_prompt_differences():
+    from sage_megatron.algo.metrics_math import paired_gain
+
+    # rows [index, difficulty, score], end listed in another order: matched by index
+    start = [[0, 1, 0.5], [1, 6, 0.0], [2, 7, 0.25], [3, None, 1.0]]
+    end = [[3, None, 1.0], [2, 7, 0.75], [0, 1, 0.75], [1, 6, 0.25]]
+    g = paired_gain(start, end, hard_min_difficulty=6)
+    # differences 0.25, 0.25, 0.5, 0.0: mean 0.25, sample variance (0 + 0 + 0.0625 + 0.0625) / 3
+    assert g["gain"] == pytest.approx(0.25) and g["gain_ci95"] == pytest.approx(1.96 * (0.125 / 3 / 4) ** 0.5)
+    # hard band (difficulty >= 6): differences 0.25, 0.5
+    assert g["hard_gain"] == pytest.approx(0.375) and g["hard_gain_ci95"] == pytest.approx(1.96 * (0.03125 / 2) ** 0.5)
+    # the same shift on every prompt: no interval, however different the prompts' accuracies
+    shifted = [[i, d, a + 0.125] for i, d, a in start]
+    assert paired_gain(start, shifted, hard_min_difficulty=6)["gain_ci95"] == 0.0
+    with pytest.raises(ValueError, match="different prompts"):
+        paired_gain(start, end[:3], hard_min_difficulty=6)
+
+
 def test_logprob_gap_only_on_response_tokens():
     import torch
 
