@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/weight_sync.py --json /tmp/weight_sync.json
     .venv/bin/python bench/weight_sync.py --models smollm2 --repeats 5 --bucket-mib 128
+    .venv/bin/python bench/weight_sync.py --models llama1b --tp 1 --pp 2   # stage 1 -> rank 0 point-to-point
 
 Per model, in one spawned Megatron world (``run_distributed``, the trainer's topology: global rank
 0 owns the RolloutPool with ONE engine, in the model's dtype):
@@ -351,13 +352,13 @@ def engine_vs_fresh(ckpt_dir: Path, synced_ckpt: Path, engine_dtype: str, tokens
 
 
 # ---------------------------------------------------------------------------------------------- main
-def bench_model(name: str, cache: Path, *, repeats: int, bucket_bytes: int, tp: int | None) -> dict:
+def bench_model(name: str, cache: Path, *, repeats: int, bucket_bytes: int, tp: int | None, pp: int = 1) -> dict:
     hf_dir = cached_smollm2(cache) if name == "smollm2" else llama1b_hf(cache)   # SmolLM2 fp32, imported once
     ckpt = converted(hf_dir, cache, name)
     spec = MODELS[name]
-    layout = ParallelLayout(tp=tp or spec["tp"])
+    layout = ParallelLayout(tp=tp or spec["tp"], pp=pp)
     meta = read_meta(ckpt)
-    print(f"[bench] {name}: tp={layout.tp}, engine dtype {spec['engine_dtype']}, {repeats} timed syncs", flush=True)
+    print(f"[bench] {name}: tp={layout.tp}, pp={layout.pp}, engine dtype {spec['engine_dtype']}, {repeats} timed syncs", flush=True)
     with tempfile.TemporaryDirectory(dir=cache) as work:
         synced_ckpt = Path(work) / "synced"
         (r,) = [x for x in run_distributed(_bench_world, world_size=layout.world_size, timeout_s=3600,
@@ -387,13 +388,13 @@ def bench_model(name: str, cache: Path, *, repeats: int, bucket_bytes: int, tp: 
 
 
 def print_table(rows: list[dict]) -> None:
-    head = (f"{'model':<9} {'tp':>2} {'dtype':>8} {'GB':>6} {'tensors':>7} {'sync s':>7} {'shm s':>7} {'prefet s':>8} "
+    head = (f"{'model':<9} {'tp':>2} {'pp':>2} {'dtype':>8} {'GB':>6} {'tensors':>7} {'sync s':>7} {'shm s':>7} {'prefet s':>8} "
             f"{'gather s':>8} {'memcpy s':>8} {'sync GB/s':>9} {'x memcpy':>8} {'+RSS GiB':>8} {'max|dlogp|':>10} "
             f"{'vs fresh':>9}")
     print(head)
     print("-" * len(head))
     for r in rows:
-        print(f"{r['model']:<9} {r['tp']:>2} {r['engine_dtype']:>8} {r['bytes'] / 1e9:>6.3f} {r['tensors']:>7} "
+        print(f"{r['model']:<9} {r['tp']:>2} {r['pp']:>2} {r['engine_dtype']:>8} {r['bytes'] / 1e9:>6.3f} {r['tensors']:>7} "
               f"{r['sync_seconds']:>7.2f} {r['sync_shm_seconds']:>7.2f} {r['prefetch_sync_seconds']:>8.2f} "
               f"{r['gather_seconds']:>8.2f} "
               f"{r['memcpy_seconds']:>8.3f} {r['sync_gb_per_s']:>9.3f} {r['sync_over_memcpy']:>8.1f} "
@@ -422,6 +423,7 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=3, help="timed syncs per model (after one warm-up)")
     p.add_argument("--bucket-mib", type=int, default=64)
     p.add_argument("--tp", type=int, default=None, help="override the per-model tensor-parallel size")
+    p.add_argument("--pp", type=int, default=1, help="pipeline stages (the later stages send to global rank 0)")
     p.add_argument("--cache-dir", default=os.environ.get("SAGE_BENCH_CACHE",
                                                          str(Path(tempfile.gettempdir()) / "sage_bench_cache")))
     a = p.parse_args()
@@ -431,7 +433,8 @@ def main() -> int:
     unknown = [m for m in names if m not in MODELS]
     if unknown:
         p.error(f"unknown model(s) {unknown}; choose from {list(MODELS)}")
-    rows = [bench_model(m, cache, repeats=a.repeats, bucket_bytes=a.bucket_mib << 20, tp=a.tp) for m in names]
+    rows = [bench_model(m, cache, repeats=a.repeats, bucket_bytes=a.bucket_mib << 20, tp=a.tp, pp=a.pp)
+            for m in names]
     print_table(rows)
     if a.json:
         from sage_megatron.provenance import provenance
