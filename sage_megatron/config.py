@@ -199,7 +199,8 @@ class OptimConfig:
     """constant | linear | cosine: the lr after warmup (megatron-core's OptimizerParamScheduler)."""
     lr_decay_steps: int = 0
     """Optimizer steps by which a linear/cosine decay reaches min_lr; 0 = the whole run
-    (run.steps x mini_batches)."""
+    (run.steps x mini_batches; set it when a run may be resumed with another run.steps, which would
+    otherwise move the decay's end)."""
     min_lr: float = 0.0
     """lr at the end of a linear/cosine decay."""
     weight_decay: float = 0.01

@@ -98,7 +98,10 @@ def test_resume_continues_exactly(tmp_path, tiny_hf_factory):
               "algorithm.name=sage_light", "algorithm.hint_source=reference_prefix",
               "rollout.max_tokens=12", "rollout.group_size=4",
               "data.batch_size=4", "optim.lr=1e-3", "eval.data=", "logging.tensorboard=false",
-              "run.checkpoint_every=2"]
+              "run.checkpoint_every=2",
+              # the toy config's cosine decay, over a fixed horizon (4 steps x 2 mini-batches): the stopped run
+              # is emulated by run.steps=2, which would otherwise shorten it; the lr must continue across the resume
+              "optim.lr_decay_steps=8"]
     straight, before = tmp_path / "straight", tmp_path / "before"
     train_runs([load_config("configs/toy.yaml", [*common, f"run.dir={before}", "run.steps=2",
                                                        "algorithm.entropy_coef=0.05", "optim.lr=0.05"]),
@@ -118,6 +121,8 @@ def test_resume_continues_exactly(tmp_path, tiny_hf_factory):
         for k in ca:
             same = ca[k] == cb[k] or (isinstance(ca[k], float) and math.isnan(ca[k]) and math.isnan(cb[k]))
             assert same, f"step {ra['step']} {k}: straight {ca[k]} vs resumed {cb[k]}"
+    lrs = [r["train/lr"] for r in b]
+    assert lrs == sorted(lrs, reverse=True) and lrs[0] < 1e-3 and lrs[-1] > 3e-5   # the decay ran, on both sides
     # 8 rows, 4 per step: steps 3-4 revisit them, so the SAGE-light schedule (restored from the
     # checkpoint in the resumed run) chose levels >= 1 there
     assert any(r.get("hint/level_l1", 0) + r.get("hint/level_l2", 0) for r in a)
