@@ -26,7 +26,8 @@ from sage_megatron.comparison import run_algorithms  # noqa: E402
 from sage_megatron.provenance import provenance  # noqa: E402
 
 FIGURES = ("heldout_accuracy_start", "heldout_accuracy", "heldout_hard_accuracy_start", "heldout_hard_accuracy",
-           "heldout_gain", "heldout_hard_gain", "prompt_usage", "acc_before_hints", "never_solved_share", "step_seconds", "step_seconds_median")
+           "heldout_gain", "heldout_hard_gain", "prompt_usage", "acc_before_hints", "never_solved_share",
+           "step_seconds", "step_seconds_median")
 # Two-sided 95% Student t quantiles by degrees of freedom (scipy.stats.t.ppf(0.975, df)); 1.96 beyond.
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 

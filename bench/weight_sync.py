@@ -358,7 +358,8 @@ def bench_model(name: str, cache: Path, *, repeats: int, bucket_bytes: int, tp: 
     spec = MODELS[name]
     layout = ParallelLayout(tp=tp or spec["tp"], pp=pp)
     meta = read_meta(ckpt)
-    print(f"[bench] {name}: tp={layout.tp}, pp={layout.pp}, engine dtype {spec['engine_dtype']}, {repeats} timed syncs", flush=True)
+    print(f"[bench] {name}: tp={layout.tp}, pp={layout.pp}, engine dtype {spec['engine_dtype']}, {repeats} timed syncs",
+          flush=True)
     with tempfile.TemporaryDirectory(dir=cache) as work:
         synced_ckpt = Path(work) / "synced"
         (r,) = [x for x in run_distributed(_bench_world, world_size=layout.world_size, timeout_s=3600,
@@ -388,13 +389,15 @@ def bench_model(name: str, cache: Path, *, repeats: int, bucket_bytes: int, tp: 
 
 
 def print_table(rows: list[dict]) -> None:
-    head = (f"{'model':<9} {'tp':>2} {'pp':>2} {'dtype':>8} {'GB':>6} {'tensors':>7} {'sync s':>7} {'shm s':>7} {'prefet s':>8} "
-            f"{'gather s':>8} {'memcpy s':>8} {'sync GB/s':>9} {'x memcpy':>8} {'+RSS GiB':>8} {'max|dlogp|':>10} "
+    head = (f"{'model':<9} {'tp':>2} {'pp':>2} {'dtype':>8} {'GB':>6} {'tensors':>7} {'sync s':>7} {'shm s':>7} "
+            f"{'prefet s':>8} {'gather s':>8} {'memcpy s':>8} {'sync GB/s':>9} {'x memcpy':>8} {'+RSS GiB':>8} "
+            f"{'max|dlogp|':>10} "
             f"{'vs fresh':>9}")
     print(head)
     print("-" * len(head))
     for r in rows:
-        print(f"{r['model']:<9} {r['tp']:>2} {r['pp']:>2} {r['engine_dtype']:>8} {r['bytes'] / 1e9:>6.3f} {r['tensors']:>7} "
+        print(f"{r['model']:<9} {r['tp']:>2} {r['pp']:>2} {r['engine_dtype']:>8} {r['bytes'] / 1e9:>6.3f} "
+              f"{r['tensors']:>7} "
               f"{r['sync_seconds']:>7.2f} {r['sync_shm_seconds']:>7.2f} {r['prefetch_sync_seconds']:>8.2f} "
               f"{r['gather_seconds']:>8.2f} "
               f"{r['memcpy_seconds']:>8.3f} {r['sync_gb_per_s']:>9.3f} {r['sync_over_memcpy']:>8.1f} "

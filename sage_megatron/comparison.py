@@ -134,7 +134,7 @@ def toy_comparison(out_dir: str | Path, *, config: str = "configs/toy.yaml", ove
     print("\n" + comparison_table(summary, ("grpo", "sage")))
     print(f"| SAGE / GRPO time per step (mean, median) | | {summary['sage_over_grpo_time']:.2f}x, "
           f"{summary['sage_over_grpo_time_median']:.2f}x |")
-    print("(± = half-width of the 95% interval over held-out prompts; the gains' over the per-prompt differences "
-          "end - start, the same prompts; the hard band is the held-out items with the most steps)")
+    print("(± = half-width of the 95% interval over held-out prompts, for the gains over the per-prompt differences "
+          "end - start; the hard band is the held-out items with the most steps)")
     print((out / "summary.json").absolute())
     return summary

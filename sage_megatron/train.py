@@ -132,7 +132,8 @@ class Trainer:
         actor_cfg = ActorConfig(
             ckpt_dir=str(resume_from or paths["base_ckpt"]), layout=self.layout, dtype=cfg.model.dtype, lr=o.lr,
             lr_warmup_steps=o.lr_warmup_steps, lr_decay_style=o.lr_decay_style, lr_decay_steps=lr_decay_steps(cfg),
-            min_lr=o.min_lr, weight_decay=o.weight_decay, grad_clip=o.grad_clip, micro_batch_size=cfg.parallel.micro_batch_size,
+            min_lr=o.min_lr, weight_decay=o.weight_decay, grad_clip=o.grad_clip,
+            micro_batch_size=cfg.parallel.micro_batch_size,
             max_tokens_per_micro_batch=cfg.parallel.max_tokens_per_micro_batch,
             group_by_length=cfg.parallel.group_by_length,
             clip_low=a.clip_low, clip_high=a.clip_high, clip_c=a.clip_c, kl_coef=a.kl_coef, kl_kind=a.kl_kind,

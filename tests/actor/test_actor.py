@@ -596,7 +596,8 @@ def _schedule_world(ckpt: str, batch: TrainBatch) -> bytes:
     from sage_megatron.parallel.distributed import init_parallel
 
     init_parallel(ParallelLayout())
-    cfg = ActorConfig(ckpt_dir=ckpt, layout=ParallelLayout(), **(TRAIN | dict(kl_coef=0.0, entropy_coef=0.0) | SCHEDULE))
+    cfg = ActorConfig(ckpt_dir=ckpt, layout=ParallelLayout(),
+                      **(TRAIN | dict(kl_coef=0.0, entropy_coef=0.0) | SCHEDULE))
     zero = dataclasses.replace(batch, advantages=torch.zeros_like(batch.advantages))
     actor = MegatronActor(cfg)
     start = {k: v.clone() for k, v in actor.global_tensors()}
