@@ -42,9 +42,13 @@ Sampling is random on both sides with different generators, so response lengths 
 generation time) can differ; the mean response length of both is reported. The first
 ``--warmup`` steps of every run are excluded from the headline (both means are reported); the
 process wall time (start-up included: Ray + vLLM for ours, imports + model load for TRL) is a
-secondary figure. On a shared machine the load changes under both sides: the 1-minute load average
-at the start and end of each run is recorded, and the medians, the fastest step and the per-round
-paired ratios are reported beside the means (a load spike inflates a mean far more than a median).
+secondary figure. Quietness: before each run, with nothing of the benchmark running, the cores kept
+busy by other work are sampled for a few seconds (``busy_cores_before``) and a warning names any run
+that started on a machine busier than ``QUIET_BUSY_CORES``. The 1-minute load average at the start and
+end of each run is recorded too, but it cannot tell other work from the run's own processes (ours runs
+Ray, the engine and the trainer, so its end load exceeds 2 on an otherwise idle 2-core machine). The
+medians, the fastest step and the per-round paired ratios are reported beside the means (a load spike
+inflates a mean far more than a median).
 """
 from __future__ import annotations
 
@@ -64,10 +68,13 @@ sys.path.insert(0, str(ROOT))
 
 from bench import trl_worker  # noqa: E402
 from bench.trl_install import DEFAULT_TRL, ensure_trl, installed_version  # noqa: E402
+from sage_megatron.provenance import busy_cores  # noqa: E402
 
 OUR_PHASES = ("rollout", "reward", "advantages", "logprob", "ref_logprob", "update", "weight_sync")
 TRL_PHASES = ("generate", "reward", "other")
 GOAL = 2.0
+QUIET_BUSY_CORES = 0.5
+"""Other work may keep at most this many cores busy before a run for the run to count as measured quietly."""
 
 
 # ============================================================================ settings (pure)
@@ -209,6 +216,11 @@ def _mean(xs):
     return sum(xs) / len(xs) if xs else None
 
 
+def _max(xs):
+    xs = [x for x in xs if x is not None]
+    return max(xs) if xs else None
+
+
 def side_stats(runs: list[dict], warmup: int) -> dict:
     """Pooled over a side's runs: mean/median s/step without and with the first ``warmup`` steps of
     each run, mean per-phase seconds and response length (measured steps), mean process wall time."""
@@ -229,6 +241,7 @@ def side_stats(runs: list[dict], warmup: int) -> dict:
         "accuracy_mean": _mean(s.get("accuracy") for s in measured),
         "wall_seconds": _mean(run.get("wall_seconds") for run in runs),
         "load_avg_1m": _mean(x for run in runs for x in run.get("load_avg_1m", ())),
+        "busy_cores_before": _max(run.get("busy_cores_before") for run in runs),
     }
 
 
@@ -273,13 +286,15 @@ def build_result(runs: list[dict], *, warmup: int, settings: dict, versions: dic
 
 
 def _load_warning(runs: list[dict], cores: int | None) -> str | None:
-    """A sentence when the machine was busier than its core count during some run (else None)."""
-    loads = [x for r in runs for x in r.get("load_avg_1m", ())]
-    if not cores or not loads or max(loads) <= cores:
+    """A sentence naming the runs that started while other work kept more than QUIET_BUSY_CORES busy (else None).
+    ``cores`` is the machine's core count, for the message."""
+    busy = [(r["side"], r.get("round", 0), r["busy_cores_before"]) for r in runs
+            if r.get("busy_cores_before") is not None and r["busy_cores_before"] > QUIET_BUSY_CORES]
+    if not busy:
         return None
-    return (f"the 1-minute load average reached {max(loads):.1f} on {cores} cores during the runs: "
-            f"other work competed for the CPU, so the means are noisy; compare the medians, the fastest steps "
-            f"and the per-round ratios (runs with the lowest load are the closest to an idle machine)")
+    named = ", ".join(f"{side} round {rnd} ({b:.2f})" for side, rnd, b in busy)
+    return (f"other work kept more than {QUIET_BUSY_CORES} of {cores or '?'} cores busy just before: {named}; "
+            f"those runs competed for the CPU, so the means are noisy: measure again on a quiet machine")
 
 
 def _f(v, spec=".2f"):
@@ -310,6 +325,8 @@ def markdown_table(res: dict) -> str:
         f"| mean accuracy (reward) | {_f(o['accuracy_mean'], '.3f')} | {_f(t['accuracy_mean'], '.3f')} | |",
         f"| machine load (1-min load avg, start/end of runs) | {_f(o['load_avg_1m'], '.1f')} | "
         f"{_f(t['load_avg_1m'], '.1f')} | |",
+        f"| other work before a run (busy cores, most) | {_f(o['busy_cores_before'])} | "
+        f"{_f(t['busy_cores_before'])} | |",
         "",
         "| phase (s/step, warm-up excluded) | ours | TRL |",
         "|---|---|---|",
@@ -357,6 +374,7 @@ def run_ours(a: argparse.Namespace, run_dir: Path, log: Path) -> dict:
 
     shutil.rmtree(run_dir, ignore_errors=True)
     cmd = [sys.executable, "-m", "sage_megatron.cli", "train", "--config", a.config, *ours_overrides(a, run_dir)]
+    busy = busy_cores()
     load0, t0 = os.getloadavg()[0], time.perf_counter()
     with log.open("w") as f:
         rc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode
@@ -366,7 +384,8 @@ def run_ours(a: argparse.Namespace, run_dir: Path, log: Path) -> dict:
     steps = ours_steps(read_metrics(run_dir))
     if len(steps) != a.steps:
         raise SystemExit(f"error: our run logged {len(steps)} steps, expected {a.steps}; log: {log}")
-    return {"side": "ours", "wall_seconds": wall, "load_avg_1m": [load0, load1], "steps": steps, "log": str(log)}
+    return {"side": "ours", "wall_seconds": wall, "busy_cores_before": busy, "load_avg_1m": [load0, load1],
+            "steps": steps, "log": str(log)}
 
 
 def run_trl(spec: dict, site: Path, work: Path, log: Path) -> dict:
@@ -377,6 +396,7 @@ def run_trl(spec: dict, site: Path, work: Path, log: Path) -> dict:
            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "WANDB_DISABLED": "true", "TRL_EXPERIMENTAL_SILENCE": "1"}
     cmd = [sys.executable, str(Path(trl_worker.__file__).resolve()), str(work)]
+    busy = busy_cores()
     load0, t0 = os.getloadavg()[0], time.perf_counter()
     with log.open("w") as f:
         rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
@@ -385,7 +405,8 @@ def run_trl(spec: dict, site: Path, work: Path, log: Path) -> dict:
     if rc != 0 or not out.is_file():
         raise SystemExit(f"error: the TRL run exited {rc}; log: {log}\n{_tail(log)}")
     res = json.loads(out.read_text())
-    return {"side": "trl", "wall_seconds": wall, "load_avg_1m": [load0, load1], "log": str(log), **res}
+    return {"side": "trl", "wall_seconds": wall, "busy_cores_before": busy, "load_avg_1m": [load0, load1],
+            "log": str(log), **res}
 
 
 def _tail(path: Path, n: int = 30) -> str:
@@ -466,7 +487,9 @@ def main(argv: list[str] | None = None) -> int:
                 raise SystemExit("error: TRL's prompt token ids differ from ours (chat template rendering)")
         run["round"] = rnd
         print(f"[vs_trl]   {side}: " + ", ".join(f"{s['seconds']:.2f}" for s in run["steps"])
-              + f" s/step; process {run['wall_seconds']:.1f} s; load avg "
+              + f" s/step; process {run['wall_seconds']:.1f} s; other work before: "
+              + ("n/a" if run["busy_cores_before"] is None else f"{run['busy_cores_before']:.2f} cores")
+              + "; load avg "
               + "/".join(f"{x:.1f}" for x in run["load_avg_1m"]), flush=True)
         runs.append(run)
 

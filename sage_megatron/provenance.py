@@ -38,6 +38,31 @@ def default_command() -> str:
     return shlex.join([*head, *sys.argv[1:]])
 
 
+def cpu_jiffies(stat: str | None = None) -> tuple[int, int]:
+    """(busy, total) CPU jiffies of the whole machine so far, from /proc/stat's first line (busy: user, nice,
+    system, irq, softirq and steal, the last being time the hypervisor gave to other guests)."""
+    if stat is None:
+        stat = Path("/proc/stat").read_text()
+    fields = [int(x) for x in stat.splitlines()[0].split()[1:]]
+    user, nice, system, idle, iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    busy = user + nice + system + irq + softirq + steal
+    return busy, busy + idle + iowait
+
+
+def busy_cores(seconds: float = 3.0) -> float | None:
+    """How many cores the machine kept busy over the next ``seconds`` (0 on an idle machine, up to the core
+    count); None where /proc/stat cannot be read. Sampled while a benchmark runs nothing of its own, it
+    measures the other work that would compete with it, which a load average taken during a multi-process
+    run cannot separate from the run's own processes."""
+    try:
+        busy0, total0 = cpu_jiffies()
+        time.sleep(seconds)
+        busy1, total1 = cpu_jiffies()
+    except (OSError, ValueError, IndexError):
+        return None
+    return (busy1 - busy0) / max(total1 - total0, 1) * (os.cpu_count() or 1)
+
+
 def provenance(command: str | None = None) -> dict:
     """{"command", "commit", "cpu_count", "load_avg_1m", "date"} for a result written now."""
     return {"command": command or default_command(),

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -137,11 +140,32 @@ def test_goal_needs_the_median_too_and_load_is_flagged(vs):
     runs[1]["steps"].append({"step": 4, "seconds": 4.0, "phases": {}, "response_tokens": None, "accuracy": None})
     runs[1]["steps"].append({"step": 5, "seconds": 4.0, "phases": {}, "response_tokens": None, "accuracy": None})
     for r in runs:
-        r["load_avg_1m"] = [1.0, 9.0]
+        r["load_avg_1m"] = [1.0, 9.0]       # a run's own processes raise the load: not flagged by itself
+        r["busy_cores_before"] = 0.1
     res = vs.build_result(runs, warmup=1, settings={"cpu_cores": 2}, versions={}, notes=[])
     assert res["speedup"] > 2.0 and res["speedup_median"] < 2.0
     assert res["goal_met"] is False
-    assert "9.0 on 2 cores" in res["load_warning"]
+    assert res["load_warning"] is None
+    runs[1]["busy_cores_before"] = 1.25     # other work kept 1.25 cores busy before TRL's run
+    settings = {"steps": 3, "warmup": 1, "repeats": 1, "prompts": 8, "generations": 8, "max_tokens": 112,
+                "model": "toy", "cpu_cores": 2}
+    res = vs.build_result(runs, warmup=1, settings=settings, versions={}, notes=[])
+    assert "trl round 0 (1.25)" in res["load_warning"] and "of 2 cores" in res["load_warning"]
+    assert res["trl"]["busy_cores_before"] == 1.25 and res["ours"]["busy_cores_before"] == 0.1
+    assert "| other work before a run (busy cores, most) | 0.10 | 1.25 | |" in vs.markdown_table(res)
+
+
+def test_busy_cores_reads_proc_stat():
+    from sage_megatron.provenance import busy_cores, cpu_jiffies
+    # user nice system idle iowait irq softirq steal: busy 10+0+5+1+1+3 = 20 of 20 + 70 + 10 = 100
+    assert cpu_jiffies("cpu  10 0 5 70 10 1 1 3 0 0\ncpu0 1 2 3 4\n") == (20, 100)
+    assert cpu_jiffies("cpu  4 0 1 5\n") == (5, 10)          # old kernels: four fields
+    burner = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 3: pass"])
+    try:
+        busy = busy_cores(1.5)
+    finally:
+        burner.wait()
+    assert 0.6 <= busy <= (os.cpu_count() or 1)             # one spinning process keeps about one core busy
 
 
 def test_warmup_zero_counts_every_step(vs):
