@@ -12,6 +12,12 @@ Each side: one warm-up, then ``--repeats`` timed runs, the median reported (ever
 JSON). The default model is SmolLM2-135M-Instruct (the real small model a user would start from);
 ``--model tiny`` (a tiny random Llama, random text) measures per-call overhead only.
 
+Speed of light: the machine's matmul rate in the benchmark's dtype (``torch.mm`` at the decode shape:
+rows = sequences in flight, the model's hidden x MLP width, every core) over the model's 2 x params
+FLOPs per generated token gives the tokens per second no engine can beat here (attention and prefill
+left out, so the ceiling is generous). Both sides are reported as a fraction of it, and
+``max_speedup_over_hf`` = ceiling / HF's rate bounds what any speed-up over HF could be on this machine.
+
 ``--transport-mib M`` also times how one M-MiB weight bucket reaches the engines (sender encode +
 ray.put, then per engine: object-store get and hand-off to the vLLM worker as a /dev/shm file vs as
 ``collective_rpc`` bytes), interleaved A B A B, medians reported.
@@ -101,6 +107,25 @@ def bench_hf(model_dir: str, prompts, sampling: SamplingConfig, *, dtype: torch.
     return _median_run(runs)
 
 
+def matmul_gflops(dtype: torch.dtype, *, rows: int, hidden: int, ffn: int, seconds: float = 2.0) -> float:
+    """GFLOP/s of ``torch.mm`` (rows x hidden) @ (hidden x ffn) in ``dtype`` with torch's threads, the best of
+    repeated calls over about ``seconds`` (after one warm-up call)."""
+    a, b = torch.randn(rows, hidden).to(dtype), torch.randn(hidden, ffn).to(dtype)
+    torch.mm(a, b)
+    best, end = float("inf"), time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * rows * hidden * ffn / best / 1e9
+
+
+def ceiling_tokens_per_s(gflops: float, params: int) -> float:
+    """Generated tokens per second at ``gflops`` for a model of ``params`` weights (2 FLOPs per weight per token;
+    a tied embedding counted once, as the lm_head matmul it is)."""
+    return gflops * 1e9 / (2 * params)
+
+
 def bench_transport(pool: RolloutPool, mib: int, repeats: int = 2) -> dict:
     """Sender encode+put, then per engine: get + hand-off as shm file vs rpc bytes (A B A B)."""
     import ray
@@ -187,6 +212,9 @@ def main() -> None:
         n_params = sum(p.numel() for p in AutoModelForCausalLM.from_config(hf_cfg).parameters())
     except Exception:
         pass
+    gflops = matmul_gflops(getattr(torch, args.dtype), rows=args.prompts * args.n, hidden=hf_cfg.hidden_size,
+                           ffn=getattr(hf_cfg, "intermediate_size", 4 * hf_cfg.hidden_size))
+    ceiling = ceiling_tokens_per_s(gflops, n_params) if n_params else None
     result = {
         "model": args.hf_dir or (model_dir if args.model == "smollm2" else f"tiny random llama {TINY}"),
         "model_params": n_params,
@@ -206,6 +234,11 @@ def main() -> None:
         "hf_seconds": hf_res["seconds"],
         "hf_tokens_per_s": hf_res["tokens_per_s"],
         "speedup": pool_res["tokens_per_s"] / hf_res["tokens_per_s"],
+        "matmul_gflops": gflops,
+        "ceiling_tokens_per_s": ceiling,
+        "pool_fraction_of_ceiling": pool_res["tokens_per_s"] / ceiling if ceiling else None,
+        "hf_fraction_of_ceiling": hf_res["tokens_per_s"] / ceiling if ceiling else None,
+        "max_speedup_over_hf": ceiling / hf_res["tokens_per_s"] if ceiling else None,
         "tokens": {"pool": pool_res["tokens"], "hf": hf_res["tokens"]},  # generated, up to EOS/limit
         "pool_tokens_per_s_all": pool_res["tokens_per_s_all"], "hf_tokens_per_s_all": hf_res["tokens_per_s_all"],
         "transport": transport,
@@ -217,6 +250,11 @@ def main() -> None:
           f"{pool_res['seconds']:>10.2f}{pool_res['tokens_per_s']:>12.0f}")
     print(f"{'HF generate':22}{hf_res['tokens']:>10}{hf_res['seconds']:>10.2f}{hf_res['tokens_per_s']:>12.0f}")
     print(f"speed-up {result['speedup']:.1f}x   (pool start-up {startup:.1f} s, not counted)")
+    if ceiling:
+        print(f"speed of light: torch.mm {gflops:.0f} GFLOP/s in {args.dtype} -> {ceiling:.0f} tokens/s at 2 x "
+              f"{n_params} FLOPs per token; pool {result['pool_fraction_of_ceiling']:.0%} of it, HF "
+              f"{result['hf_fraction_of_ceiling']:.0%}; no engine can be more than "
+              f"{result['max_speedup_over_hf']:.1f}x HF here")
     if transport:
         print(f"weight bucket {transport['bucket_mib']} MiB: encode {transport['encode_s']:.3f} s, "
               f"ray.put {transport['put_s']:.3f} s; per engine get+hand-off: shm file {transport['shm_s']:.3f} s, "

@@ -6,6 +6,7 @@ The benchmarks themselves: `python bench/rollout.py --json OUT`, `python bench/w
 from __future__ import annotations
 
 import copy
+import time
 
 import pytest
 import torch
@@ -16,6 +17,19 @@ def test_median_run_is_the_middle_rate_and_keeps_every_rate(load_bench):
     res = rollout._median_run([(100, 1.0), (300, 1.0), (100, 0.5)])     # rates 100, 300, 200
     assert (res["tokens"], res["seconds"], res["tokens_per_s"]) == (100, 0.5, 200.0)
     assert res["tokens_per_s_all"] == [100.0, 300.0, 200.0] and res["repeats"] == 3
+
+
+def test_speed_of_light_is_the_matmul_rate_over_two_flops_per_weight(load_bench):
+    rollout = load_bench("rollout")
+    # 100 GFLOP/s over a 50M-weight model: 1e11 / (2 * 5e7) = 1000 generated tokens per second
+    assert rollout.ceiling_tokens_per_s(100.0, 50_000_000) == pytest.approx(1000.0)
+    # the measured rate: 2 * rows * hidden * ffn FLOPs over the fastest call, so at least what one timed call gives
+    rate = rollout.matmul_gflops(torch.float32, rows=64, hidden=256, ffn=512, seconds=0.3)
+    a, b = torch.randn(64, 256), torch.randn(256, 512)
+    t0 = time.perf_counter()
+    torch.mm(a, b)
+    one_call = 2 * 64 * 256 * 512 / (time.perf_counter() - t0) / 1e9
+    assert 0.5 * one_call <= rate < 1e5         # the best of many calls, give or take this VM's jitter
 
 
 def test_perturbation_moves_every_weight_the_same_way_on_every_rank(load_bench):
