@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
 import sys
@@ -92,7 +91,9 @@ def main() -> int:
     p.add_argument("--max-stage-bytes", type=int, default=1 << 30, help="export group size (megatron_to_hf)")
     p.add_argument("--workdir", default=None, help="scratch folder (default: a temp dir, removed after)")
     a = p.parse_args()
-    load_at_start = round(os.getloadavg()[0], 2)   # the machine must be quiet: recorded with the result
+    from sage_megatron.provenance import provenance, run_start
+
+    start = run_start()   # the machine must be quiet: recorded with the result
     from sage_megatron.parallel.convert import hf_to_megatron, megatron_to_hf
     from sage_megatron.parallel.precision import parse_dtype
 
@@ -164,9 +165,7 @@ def main() -> int:
     print(f"| {result['export_seconds']:.1f} | {result['export_over_floor']:.2f} | "
           f"{result['export_model_bytes'] / 2**30:.2f} | {result['export_peak_rss_gib']:.2f} | {growth:.2f} | "
           f"{result['export_rss_growth_over_model_bytes']:.2f} |")
-    from sage_megatron.provenance import provenance
-
-    result.update(provenance(), load_avg_1m_at_start=load_at_start)
+    result.update(provenance(start=start))
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
     Path(a.json).write_text(json.dumps(result, indent=1))
     print(f"wrote {a.json}")

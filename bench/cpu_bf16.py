@@ -225,6 +225,9 @@ def main() -> int:
     p.add_argument("--cache-dir", default=os.environ.get("SAGE_BENCH_CACHE",
                                                          str(Path(tempfile.gettempdir()) / "sage_bench_cache")))
     a = p.parse_args()
+    from sage_megatron.provenance import run_start
+
+    start = run_start()   # before anything of this run starts: is the machine quiet?
     if min(a.rows, a.micro_batch_size, a.repeats, a.rounds, a.n, a.max_tokens) < 1:
         p.error("--rows, --micro-batch-size, --repeats, --rounds, --n and --max-tokens must be >= 1")
     from transformers import AutoTokenizer
@@ -249,7 +252,7 @@ def main() -> int:
         Path(a.json).write_text(json.dumps({"model": "SmolLM2-135M-Instruct (fp32 checkpoint)", "settings": settings,
                                             "cpu_bf16_flags": cpu_bf16_flags(),
                                             "torch_threads": torch.get_num_threads(), "results": res,
-                                            **provenance()}, indent=1))
+                                            **provenance(start=start)}, indent=1))
         print(f"[bench] wrote {a.json}")
     print_table(res)
     return 0

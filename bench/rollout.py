@@ -172,6 +172,9 @@ def main() -> None:
     ap.add_argument("--transport-mib", type=int, default=0, help="also time one bucket of this size")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
+    from sage_megatron.provenance import run_start
+
+    start = run_start()   # before anything of this run starts: is the machine quiet?
 
     tmp = None
     model_dir = args.hf_dir
@@ -267,7 +270,7 @@ def main() -> None:
     if args.json:
         from sage_megatron.provenance import provenance
 
-        Path(args.json).write_text(json.dumps({**result, **provenance()}, indent=2))
+        Path(args.json).write_text(json.dumps({**result, **provenance(start=start)}, indent=2))
         print(f"wrote {args.json}")
     if tmp is not None:
         tmp.cleanup()

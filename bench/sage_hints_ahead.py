@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sage_megatron.provenance import provenance  # noqa: E402
+from sage_megatron.provenance import provenance, run_start  # noqa: E402
 
 
 class TokenCountingSampler:
@@ -59,6 +59,7 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=6, help="batches, each run by every side")
     p.add_argument("--json", default=None)
     a = p.parse_args()
+    start = run_start()
 
     from dataclasses import replace
 
@@ -118,7 +119,7 @@ def main() -> int:
             result[f"{side}_over_grpo"] = med[side] / med["grpo"]
             result[f"{side}_tokens_over_grpo"] = tokens[side] / tokens["grpo"]
     result.update(config=a.config, steps=a.steps, batch_size=cfg.data.batch_size, group_size=cfg.rollout.group_size,
-                  **provenance())
+                  **provenance(start=start))
     print(f"\n{'side':18s} {'apply s (median, range)':>24s} {'rollout':>8s} {'hint_gen':>8s} {'hint_roll':>9s}"
           f" {'/GRPO':>6s} {'tokens/step':>11s} {'/GRPO':>6s} {'calls':>5s}")
     for side in SIDES:

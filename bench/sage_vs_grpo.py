@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sage_megatron.comparison import run_algorithms  # noqa: E402
-from sage_megatron.provenance import provenance  # noqa: E402
+from sage_megatron.provenance import provenance, run_start  # noqa: E402
 
 FIGURES = ("heldout_accuracy_start", "heldout_accuracy", "heldout_hard_accuracy_start", "heldout_hard_accuracy",
            "heldout_gain", "heldout_hard_gain", "prompt_usage", "acc_before_hints", "never_solved_share",
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     bad = sorted(set(algorithms) - {"grpo", "sage", "sage_light"})
     if bad or a.seeds < 1:
         p.error(f"--algorithms takes grpo, sage, sage_light (got {bad}); --seeds >= 1 (got {a.seeds})")
-    record = provenance()
+    record = provenance(start=run_start())
     out = Path(a.out)
     per_seed = []
     for seed in range(a.seeds):

@@ -86,7 +86,7 @@ from sage_megatron.perf.formulas import (  # noqa: E402
     CPU_FITTED_EFFICIENCY, CPU_FITTED_EFFICIENCY_SOURCE, DEFAULT_FIT_PARAMS, FIT_ROWS, Efficiency, FitRun, Layout,
     Workload, default_rollout_tp, efficiency_source, fit_efficiency, leave_one_out, predict_metrics, step_time,
 )
-from sage_megatron.provenance import default_command, provenance  # noqa: E402
+from sage_megatron.provenance import default_command, provenance, run_start  # noqa: E402
 
 PHASES = ("time/rollout", "time/hint", "time/logprob", "time/update", "time/weight_sync")
 KEYS = PHASES + ("time/step",)
@@ -434,7 +434,8 @@ def _ray_connect(address: str | None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    prov = provenance(default_command() if argv is None else shlex.join(["python", "bench/scaling.py", *argv]))
+    prov = provenance(default_command() if argv is None else shlex.join(["python", "bench/scaling.py", *argv]),
+                      start=run_start())
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--json", required=True, type=Path, help="output JSON")
@@ -598,7 +599,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table(results))
     out = {"created": time.strftime("%Y-%m-%dT%H:%M:%S"), "host": socket.gethostname(), **prov,
            "argv": sys.argv if argv is None else ["bench/scaling.py", *argv],
-           "load_avg_1m_at_start": prov["load_avg_1m"], "load_avg_1m_at_end": round(os.getloadavg()[0], 2),
+           "load_avg_1m_at_end": round(os.getloadavg()[0], 2),
            "keys": list(KEYS) + [OTHER], "results": results}
     fit_on = a.fit if a.fit is not None else (trainer and fit_base is CPU_FITTED_EFFICIENCY)
     if fit_on:

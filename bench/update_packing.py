@@ -131,6 +131,9 @@ def main() -> int:
     p.add_argument("--cache-dir", default=os.environ.get("SAGE_BENCH_CACHE",
                                                          str(Path(tempfile.gettempdir()) / "sage_bench_cache")))
     a = p.parse_args()
+    from sage_megatron.provenance import run_start
+
+    start = run_start()   # before anything of this run starts: is the machine quiet?
     if a.rows < 1 or a.max_response < 1 or a.repeats < 1 or not 1 <= a.prompt_len[0] <= a.prompt_len[1]:
         p.error("need --rows, --max-response, --repeats >= 1 and 1 <= --prompt-len MIN <= MAX")
     cache = Path(a.cache_dir)
@@ -149,7 +152,7 @@ def main() -> int:
 
         settings = {k: v for k, v in vars(a).items() if k not in ("json", "cache_dir")}
         Path(a.json).write_text(json.dumps({"model": "SmolLM2-135M-Instruct fp32", "settings": settings,
-                                            "results": rows, **provenance()}, indent=1))
+                                            "results": rows, **provenance(start=start)}, indent=1))
         print(f"[bench] wrote {a.json}")
     return 0
 

@@ -68,13 +68,11 @@ sys.path.insert(0, str(ROOT))
 
 from bench import trl_worker  # noqa: E402
 from bench.trl_install import DEFAULT_TRL, ensure_trl, installed_version  # noqa: E402
-from sage_megatron.provenance import busy_cores  # noqa: E402
+from sage_megatron.provenance import QUIET_BUSY_CORES, busy_cores  # noqa: E402
 
 OUR_PHASES = ("rollout", "reward", "advantages", "logprob", "ref_logprob", "update", "weight_sync")
 TRL_PHASES = ("generate", "reward", "other")
 GOAL = 2.0
-QUIET_BUSY_CORES = 0.5
-"""Other work may keep at most this many cores busy before a run for the run to count as measured quietly."""
 
 
 # ============================================================================ settings (pure)

@@ -430,6 +430,9 @@ def main() -> int:
     p.add_argument("--cache-dir", default=os.environ.get("SAGE_BENCH_CACHE",
                                                          str(Path(tempfile.gettempdir()) / "sage_bench_cache")))
     a = p.parse_args()
+    from sage_megatron.provenance import run_start
+
+    start = run_start()   # before anything of this run starts: is the machine quiet?
     cache = Path(a.cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
     names = [m.strip() for m in a.models.split(",") if m.strip()]
@@ -442,7 +445,7 @@ def main() -> int:
     if a.json:
         from sage_megatron.provenance import provenance
 
-        Path(a.json).write_text(json.dumps({"results": rows, **provenance()}, indent=1))
+        Path(a.json).write_text(json.dumps({"results": rows, **provenance(start=start)}, indent=1))
         print(f"[bench] wrote {a.json}")
     return 0
 

@@ -63,8 +63,25 @@ def busy_cores(seconds: float = 3.0) -> float | None:
     return (busy1 - busy0) / max(total1 - total0, 1) * (os.cpu_count() or 1)
 
 
-def provenance(command: str | None = None) -> dict:
-    """{"command", "commit", "cpu_count", "load_avg_1m", "date"} for a result written now."""
+QUIET_BUSY_CORES = 0.5
+"""Other work may keep at most this many cores busy for a measurement to count as taken on a quiet machine."""
+
+
+def run_start() -> dict:
+    """What a benchmark records before it starts anything of its own: {"busy_cores_at_start",
+    "load_avg_1m_at_start"}; pass it to :func:`provenance`. Prints a warning when other work keeps more than
+    QUIET_BUSY_CORES busy, since every figure of the run would then be noise."""
+    busy = busy_cores()
+    if busy is not None and busy > QUIET_BUSY_CORES:
+        print(f"WARNING: other work keeps {busy:.2f} of {os.cpu_count()} cores busy: timings from this run are "
+              f"noise; stop it and measure again", file=sys.stderr, flush=True)
+    return {"busy_cores_at_start": None if busy is None else round(busy, 3),
+            "load_avg_1m_at_start": round(os.getloadavg()[0], 2)}
+
+
+def provenance(command: str | None = None, start: dict | None = None) -> dict:
+    """{"command", "commit", "cpu_count", "load_avg_1m", "date"} for a result written now, plus ``start``
+    (:func:`run_start`'s record) when given."""
     return {"command": command or default_command(),
             "commit": git_commit(), "cpu_count": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2),
-            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **(start or {})}
